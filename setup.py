@@ -1,0 +1,67 @@
+"""Build of dmil_fast._C, the C++ (and, with a CUDA build of torch and nvcc, CUDA) extension.
+
+Every op lives in its own folder under csrc/ (``csrc/<op>/*.cpp`` for the CPU kernel,
+``csrc/<op>/*.cu`` for the CUDA kernel); ``csrc/extension.cpp`` is the pybind11 module shell.
+Set ``DMIL_FAST_NO_EXTENSION=1`` to skip the extension (the pure-PyTorch and Triton backends
+still work), ``DMIL_FAST_FORCE_CUDA=1`` to compile the CUDA sources even where no GPU is
+visible (a CUDA build of torch and nvcc are still required), ``DMIL_FAST_NO_CUDA=1`` to build
+the CPU kernels only.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("DMIL_FAST_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    with_cuda = (
+        not _flag("DMIL_FAST_NO_CUDA")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and (torch.cuda.is_available() or _flag("DMIL_FAST_FORCE_CUDA"))
+    )
+    define_macros = []
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2", "/std:c++17"]
+    extra_link = ["-fopenmp"] if os.name != "nt" else []
+    include_dirs = [os.path.join(root, "csrc")]
+    if with_cuda:
+        define_macros.append(("DMIL_FAST_WITH_CUDA", None))
+        ext = cpp_extension.CUDAExtension(
+            "dmil_fast._C",
+            cpp_sources + cu_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+            },
+            extra_link_args=extra_link,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "dmil_fast._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=extra_link,
+        )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
