@@ -1,0 +1,56 @@
+"""Test configuration shared by every test module.
+
+- On a machine without a GPU the Triton kernels run under Triton's CPU interpreter
+  (TRITON_INTERPRET=1 must be set before triton is imported), so kernel tests are never skipped.
+- Hypothesis: a small derandomized "ci" profile (the default) and a larger "dev" profile
+  (HYPOTHESIS_PROFILE=dev).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def devices():
+    """Devices every op test sweeps: the CPU always, CUDA where present."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def triton_device():
+    """Where Triton kernels run in tests: the GPU if present, else the CPU interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
