@@ -1,0 +1,146 @@
+"""make_synthetic: file format, determinism, type mixing and the intended information structure.
+
+The structure checks use an independent nearest-centroid decoder fitted in the test on labelled
+redundant training rows, never the generator's prototypes.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from dmil_fast.data import INTERACTION_TYPES, make_synthetic
+from dmil_fast.data import synthetic as synthetic_module
+
+FILES = ("modality_1.npy", "modality_2.npy", "labels.npy", "split.npy", "interaction_type.npy")
+
+
+def _load(path):
+    return {f[:-4]: np.load(path / f) for f in FILES}
+
+
+@pytest.fixture(scope="module")
+def default_set(tmp_path_factory):
+    path = make_synthetic(tmp_path_factory.mktemp("syn"), seed=3)
+    return path, _load(path)
+
+
+def test_files_shapes_dtypes(default_set):
+    path, a = default_set
+    assert a["modality_1"].shape == (6000, 32) and a["modality_1"].dtype == np.float32
+    assert a["modality_2"].shape == (6000, 32) and a["modality_2"].dtype == np.float32
+    assert a["labels"].shape == (6000,) and a["labels"].dtype == np.int64
+    assert a["split"].dtype == np.int8 and a["interaction_type"].dtype == np.int8
+    assert set(np.unique(a["labels"])) == set(range(6))
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["class_names"] == [f"class_{k}" for k in range(6)]
+    assert meta["modality_names"] == ["visual", "audio"]
+    assert meta["interaction_types"] == ["redundancy", "unique_1", "unique_2", "synergy"]
+    assert meta["params"]["n"] == 6000 and meta["params"]["noise"] == 0.5 and meta["params"]["seed"] == 3
+
+
+def test_split_fractions_and_type_mix(default_set):
+    _, a = default_set
+    assert np.bincount(a["split"], minlength=3).tolist() == [4200, 900, 900]
+    assert np.bincount(a["interaction_type"], minlength=4).tolist() == [1500] * 4
+    # Mixed: every type in every split, and the types are not in contiguous runs.
+    for s in range(3):
+        assert np.bincount(a["interaction_type"][a["split"] == s], minlength=4).min() > 150
+    assert (np.diff(a["interaction_type"][:200].astype(int)) != 0).sum() > 100
+
+
+def test_mix_weights_are_normalised_and_zero_weight_excluded(tmp_path):
+    a = _load(make_synthetic(tmp_path, n=1001, mix=(2, 0, 1, 1), val_fraction=0.1, test_fraction=0.0))
+    counts = np.bincount(a["interaction_type"], minlength=4)
+    assert counts[1] == 0 and counts.sum() == 1001
+    assert abs(counts[0] - 500.5) <= 1 and abs(counts[2] - 250.25) <= 1 and abs(counts[3] - 250.25) <= 1
+    assert np.bincount(a["split"], minlength=3).tolist() == [901, 100, 0]
+
+
+def test_deterministic_per_seed(tmp_path):
+    a = _load(make_synthetic(tmp_path / "a", n=500, seed=7))
+    b = _load(make_synthetic(tmp_path / "b", n=500, seed=7))
+    c = _load(make_synthetic(tmp_path / "c", n=500, seed=8))
+    for k in FILES:
+        np.testing.assert_array_equal(a[k[:-4]], b[k[:-4]])
+    assert not np.array_equal(a["modality_1"], c["modality_1"])
+    assert not np.array_equal(a["labels"], c["labels"])
+
+
+def test_result_does_not_depend_on_block_size(tmp_path, monkeypatch):
+    ref = _load(make_synthetic(tmp_path / "ref", n=700, seed=1))
+    monkeypatch.setattr(synthetic_module, "CHUNK_ROWS", 64)
+    small = _load(make_synthetic(tmp_path / "small", n=700, seed=1))
+    for k in FILES:
+        np.testing.assert_array_equal(ref[k[:-4]], small[k[:-4]])
+
+
+def _centroid_decoder(x, sym, mask, num_classes):
+    cent = np.stack([x[mask & (sym == k)].mean(0) for k in range(num_classes)])
+    return lambda z: ((z[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
+
+
+def test_information_structure(default_set):
+    _, a = default_set
+    y, t, split = a["labels"], a["interaction_type"], a["split"]
+    fit = (split == 0) & (t == 0)  # labelled redundant training rows: both modalities carry y
+    dec1 = _centroid_decoder(a["modality_1"], y, fit, 6)
+    dec2 = _centroid_decoder(a["modality_2"], y, fit, 6)
+    held = split != 0
+    p1, p2 = dec1(a["modality_1"]), dec2(a["modality_2"])
+
+    def acc(pred, kind):
+        m = held & (t == INTERACTION_TYPES.index(kind))
+        return float((pred[m] == y[m]).mean())
+
+    chance, tol = 1 / 6, 0.07  # about 450 held-out rows per type: 3 sigma is ~0.05
+    assert acc(p1, "redundancy") > 0.95 and acc(p2, "redundancy") > 0.95
+    assert acc(p1, "unique_1") > 0.95 and abs(acc(p2, "unique_1") - chance) < tol
+    assert acc(p2, "unique_2") > 0.95 and abs(acc(p1, "unique_2") - chance) < tol
+    assert abs(acc(p1, "synergy") - chance) < tol and abs(acc(p2, "synergy") - chance) < tol
+    # Synergy: the two decoded symbols together give the class, (a + b) mod C = y.
+    m = held & (t == 3)
+    assert float((((p1 + p2) % 6)[m] == y[m]).mean()) > 0.9
+
+
+def test_type_not_visible_in_feature_norm(default_set):
+    _, a = default_set
+    for key in ("modality_1", "modality_2"):
+        norms = np.linalg.norm(a[key], axis=1)
+        per_type = [norms[a["interaction_type"] == k].mean() for k in range(4)]
+        assert max(per_type) / min(per_type) < 1.03
+
+
+def test_imbalance_gives_geometric_class_frequencies(tmp_path):
+    a = _load(make_synthetic(tmp_path, n=8000, num_classes=4, imbalance=0.5, seed=2))
+    freq = np.bincount(a["labels"], minlength=4) / 8000
+    np.testing.assert_allclose(freq, np.array([8, 4, 2, 1]) / 15, atol=0.02)
+
+
+def test_vggsound_shape_preset(tmp_path):
+    path = make_synthetic(tmp_path, like="vggsound", n=2130)
+    x1 = np.load(path / "modality_1.npy", mmap_mode="r")
+    assert x1.shape == (2130, 512)
+    meta = json.loads((path / "meta.json").read_text())
+    assert len(meta["class_names"]) == 309
+    assert np.bincount(np.load(path / "split.npy"), minlength=3).tolist() == [1830, 150, 150]
+    with pytest.raises(ValueError, match="num_classes"):
+        make_synthetic(tmp_path / "bad", like="vggsound", n=100, num_classes=10)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"n": 0}, "n"), ({"dim": 0}, "dim"), ({"num_classes": 1}, "num_classes"), ({"noise": -0.1}, "noise"),
+    ({"mix": (1, 1, 1)}, "mix"), ({"mix": (1, -1, 1, 1)}, "mix"), ({"mix": (0, 0, 0, 0)}, "mix"),
+    ({"imbalance": 1.0}, "imbalance"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"test_fraction": -0.1}, "test_fraction"), ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
+    ({"like": "imagenet"}, "like"),
+])
+def test_bad_arguments_name_the_argument(tmp_path, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_synthetic(tmp_path, **{"n": 100, **kwargs})
+    assert not (tmp_path / "labels.npy").exists()
+
+
+def test_wrong_argument_type(tmp_path):
+    with pytest.raises(TypeError, match="n must be an int"):
+        make_synthetic(tmp_path, n=10.5)
