@@ -87,7 +87,9 @@ def variational_bottleneck_grouped_ref(x: torch.Tensor, weight: torch.Tensor, bi
     h = h.view(b, groups, -1)  # (B, G, 2E)
     e = h.shape[-1] // 2
     mu, logvar = h[..., :e], h[..., e:]  # (B, G, E) each
-    kl = diagonal_gaussian_kl_ref(mu.transpose(0, 1), logvar.transpose(0, 1), reduction="none").mean(dim=-1)
+    # Per-head mean in float32 (or float64), rounded once to the input dtype.
+    kl = diagonal_gaussian_kl_ref(_opmath(mu).transpose(0, 1), _opmath(logvar).transpose(0, 1),
+                                  reduction="none").mean(dim=-1).to(x.dtype)  # (G,)
     if not sample:
         return mu, mu, logvar, kl
     zs = []
