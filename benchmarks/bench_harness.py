@@ -1,0 +1,312 @@
+"""Machinery shared by the benchmark files: devices and shape grids, providers (and why one is
+skipped), synchronised timing with a cold L2 on GPUs, physical metrics and peak memory.
+
+Timing rules (every benchmark follows them through :func:`measure`):
+
+- the timed function ends with a device synchronisation, so a GPU round is the wall time of the
+  work, not of its launch;
+- on CUDA each round is preceded (untimed, through ``benchmark.pedantic(setup=...)``) by a write
+  of a 256 MB buffer, larger than the L2 cache of any current GPU, so every round starts cold;
+- warm-up calls (torch.compile, Triton autotuning, the caching allocator) happen before timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+#: Op-level providers, side by side in one run.
+OP_PROVIDERS = ("reference", "compile", "triton", "cuda", "cpp")
+TRITON_CPU_REASON = "Triton runs only under the interpreter on CPU"
+CPU_COMPILE_FWD_ONLY_REASON = (
+    "on CPU torch.compile is measured for the forward only (each compiled backward costs seconds of "
+    "compile time in the CPU smoke run); the CUDA run measures forward+backward")
+
+L2_FLUSH_BYTES = 256 * 2**20
+#: Largest (rows x width) operand of the GPU grids: 2**29 elements (2 GiB in float32).
+GPU_ELEMENT_CAP = 2**29
+GPU_ROWS = (256, 4096, 65536, 2**20)
+MODES = ("fwd", "fwd+bwd")
+
+# Round budgets (seconds of timed work per benchmark, before the min/max clamps).
+_GPU_BUDGET_S, _GPU_MIN_ROUNDS, _GPU_MAX_ROUNDS = 0.25, 10, 200
+_CPU_BUDGET_S, _CPU_MIN_ROUNDS, _CPU_MAX_ROUNDS = 0.2, 3, 15
+_CPU_MIN_ROUND_S = 2e-3  # a CPU round loops the function until it lasts at least this long
+
+
+# ---------------------------------------------------------------- devices, dtypes, grids
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def devices() -> List[str]:
+    """The CPU always (small shapes), CUDA where present (the full grids)."""
+    return ["cpu", "cuda"] if has_cuda() else ["cpu"]
+
+
+def dtypes(device: str) -> List[torch.dtype]:
+    return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def gpu_grid(widths: Sequence[int], rows: Sequence[int] = GPU_ROWS,
+             cap: int = GPU_ELEMENT_CAP) -> List[Tuple[int, int]]:
+    """(rows, width) pairs of the CUDA grid whose operand stays within ``cap`` elements."""
+    return [(b, w) for b in rows for w in widths if b * w <= cap]
+
+
+def op_cases(cpu_shapes: Sequence[Tuple[int, int]], gpu_shapes: Sequence[Tuple[int, int]],
+             *, width_name: str, modes: Sequence[str] = MODES,
+             providers: Sequence[str] = OP_PROVIDERS) -> List:
+    """pytest params (mode, device, dtype, shape, provider) over every device of this machine."""
+    out = []
+    for mode in modes:
+        for device in devices():
+            shapes = cpu_shapes if device == "cpu" else gpu_shapes
+            for dtype in dtypes(device):
+                for b, w in shapes:
+                    for provider in providers:
+                        out.append(pytest.param(
+                            mode, device, dtype, (b, w), provider,
+                            id=f"{mode}-{device}-{dtype_name(dtype)}-B{b}x{width_name}{w}-{provider}"))
+    return out
+
+
+# ---------------------------------------------------------------- providers
+
+def need(module: str, attr: Optional[str] = None):
+    """Import ``module`` (and return ``attr`` of it); skip the benchmark, saying what is missing,
+    when it is not there."""
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, attr) if attr is not None else mod
+    except (ImportError, AttributeError) as exc:
+        what = f"{module}.{attr}" if attr else module
+        pytest.skip(f"{what} is not available ({type(exc).__name__}: {exc})")
+
+
+def provider_skip_reason(op_name: str, provider: str, device: str, dtype: torch.dtype) -> Optional[str]:
+    """Why ``provider`` cannot run op ``op_name`` on (device, dtype), from the ops' own dispatch
+    table (``dmil_fast.ops._dispatch``); ``None`` when it can."""
+    if provider in ("reference", "compile"):
+        return None
+    if provider == "triton" and device == "cpu":
+        return TRITON_CPU_REASON
+    dispatch = need("dmil_fast.ops._dispatch")
+    need("dmil_fast.ops")  # importing the ops registers their capability tables
+    tables = {op.name: op for op in dispatch.registered_ops()}
+    if op_name not in tables:
+        return f"dmil_fast.ops registers no backends for {op_name}"
+    check = tables[op_name].checks.get(provider)
+    if check is None:
+        return f"{op_name} has no {provider!r} backend"
+    return check(torch.device(device), dtype)
+
+
+def skip_unless_available(op_name: str, provider: str, device: str, dtype: torch.dtype) -> None:
+    reason = provider_skip_reason(op_name, provider, device, dtype)
+    if reason is not None:
+        pytest.skip(f"{provider}: {reason}")
+
+
+def skip_compiled_backward_on_cpu(provider: str, device: str, mode: str) -> None:
+    if provider == "compile" and device == "cpu" and mode != "fwd":
+        pytest.skip(CPU_COMPILE_FWD_ONLY_REASON)
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False)`` after clearing the compiler's caches, so that earlier
+    shapes never push this one over the recompile limit (which would silently fall back to eager)."""
+    torch.compiler.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+# ---------------------------------------------------------------- timing
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@functools.lru_cache(maxsize=None)
+def _flush_buffer(device: str) -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+
+def flush_l2(device: str) -> None:
+    """Write 256 MB on ``device`` and wait, evicting the L2 cache (no-op on the CPU)."""
+    if device == "cuda":
+        _flush_buffer(device).zero_()
+        torch.cuda.synchronize()
+
+
+def _clamp(value: float, low: int, high: int) -> int:
+    return int(max(low, min(high, value)))
+
+
+def _plan(probe_s: float, device: str) -> Tuple[int, int]:
+    """(rounds, iterations) for a function whose one synchronised call takes ``probe_s``."""
+    probe_s = max(probe_s, 1e-7)
+    if device == "cuda":
+        return _clamp(_GPU_BUDGET_S / probe_s, _GPU_MIN_ROUNDS, _GPU_MAX_ROUNDS), 1
+    iterations = _clamp(math.ceil(_CPU_MIN_ROUND_S / probe_s), 1, 1000)
+    return _clamp(_CPU_BUDGET_S / (probe_s * iterations), _CPU_MIN_ROUNDS, _CPU_MAX_ROUNDS), iterations
+
+
+def measure(benchmark, fn: Callable[[], object], device: str, *, warmup: int = 2):
+    """Time ``fn`` with pytest-benchmark and return its last result.
+
+    CUDA: one call per round, an L2 flush before each (untimed), the synchronisation inside the
+    timed call. CPU: rounds of several calls when one is shorter than 2 ms. With
+    ``--benchmark-disable`` the function runs once, untimed.
+    """
+    last: List[object] = [None]
+
+    def timed():
+        last[0] = fn()
+        synchronize(device)
+
+    if getattr(benchmark, "disabled", False):
+        benchmark.pedantic(timed, rounds=1, iterations=1)
+        return last[0]
+    for _ in range(max(warmup - 1, 0)):
+        timed()
+    start = time.perf_counter()
+    timed()
+    rounds, iterations = _plan(time.perf_counter() - start, device)
+    if device == "cuda":
+        benchmark.pedantic(timed, setup=lambda: flush_l2(device), rounds=rounds, iterations=1, warmup_rounds=1)
+    else:
+        benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=0)
+    return last[0]
+
+
+def time_rounds(fn: Callable[[], object], device: str, rounds: int) -> List[float]:
+    """Seconds of ``rounds`` synchronised calls of ``fn``, each after an L2 flush (as :func:`measure`)."""
+    fn()
+    synchronize(device)
+    out = []
+    for _ in range(rounds):
+        flush_l2(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def copy_bandwidth_gbps(device: str) -> float:
+    """The device's own copy bandwidth: bytes read + written by a copy of a tensor larger than the
+    last-level cache (512 MB on CUDA, 64 MB on the CPU), median of the rounds, in GB/s.
+
+    CUDA times ``clone`` (the caching allocator makes it allocation-free after the first call).
+    The CPU copies into a preallocated tensor: a fresh 64 MB CPU allocation is a new mmap whose
+    page faults, not the memory bus, would set the time.
+    """
+    numel = 2**27 if device == "cuda" else 2**24
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    if device == "cuda":
+        copy = src.clone
+    else:
+        dst = torch.empty_like(src)
+
+        def copy():
+            return dst.copy_(src)
+    seconds = time_rounds(copy, device, rounds=20 if device == "cuda" else 7)
+    median = sorted(seconds)[len(seconds) // 2]
+    return 2 * numel * 4 / median / 1e9
+
+
+def median_seconds(benchmark) -> Optional[float]:
+    stats = getattr(benchmark, "stats", None)
+    if not stats:
+        return None
+    return float(stats.stats.median)
+
+
+# ---------------------------------------------------------------- metrics and memory
+
+def release_flush_buffer() -> None:
+    """Free the L2-flush buffer so that memory statistics count only the benchmark's tensors."""
+    _flush_buffer.cache_clear()
+    if has_cuda():
+        torch.cuda.empty_cache()
+
+
+def call_memory_mb(fn: Callable[[], object], device: str) -> Dict[str, Optional[float]]:
+    """Memory of one untimed call of ``fn`` on CUDA: ``peak_mem_mb`` (``max_memory_allocated``
+    during the call, everything the benchmark holds included) and ``extra_mem_mb`` (that peak minus
+    what was allocated before the call: intermediates and outputs). ``None`` on the CPU."""
+    if device != "cuda":
+        return {"peak_mem_mb": None, "extra_mem_mb": None}
+    release_flush_buffer()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_mem_mb": peak / 2**20, "extra_mem_mb": (peak - before) / 2**20}
+
+
+def label(benchmark, *, op: str, variant: str, provider: str, shape: str, dtype: torch.dtype,
+          device: str) -> None:
+    """Name the benchmark before it runs: its pytest-benchmark group (providers of one case side
+    by side) and the descriptive half of ``extra_info``."""
+    benchmark.group = f"{op} {variant} {device} {dtype_name(dtype)} {shape}"
+    benchmark.extra_info.update({"op": op, "variant": variant, "provider": provider, "shape": shape,
+                                 "dtype": dtype_name(dtype), "device": device})
+
+
+def record(benchmark, *, nbytes: Optional[float] = None, flops: Optional[float] = None,
+           items: Optional[float] = None, copy_gbps: Optional[float] = None, **extra) -> Dict[str, object]:
+    """The measured half of ``extra_info`` (updated in place: pytest-benchmark keeps a reference).
+
+    ``nbytes``: the minimal bytes one call must move (inputs read once, outputs written once)
+    -> ``gbps`` and, with ``copy_gbps`` (memory-bound ops), ``fraction_of_copy_bw``;
+    ``flops`` -> ``tflops``; ``items`` (samples per call) -> ``samples_per_s``; ``extra`` (memory
+    figures, ...) is stored as given (floats rounded). Rates are ``None`` when nothing was timed
+    (``--benchmark-disable``).
+    """
+    median = median_seconds(benchmark)
+    info: Dict[str, object] = {}
+    if nbytes is not None:
+        gbps = nbytes / median / 1e9 if median else None
+        info["gbps"] = _round(gbps)
+        if copy_gbps is not None:
+            info["copy_gbps"] = _round(copy_gbps)
+            info["fraction_of_copy_bw"] = _round(gbps / copy_gbps, 4) if gbps else None
+    if flops is not None:
+        info["tflops"] = _round(flops / median / 1e12, 4) if median else None
+    if items is not None:
+        info["samples_per_s"] = _round(items / median, 1) if median else None
+    info.update({k: (_round(v) if isinstance(v, float) else v) for k, v in extra.items()})
+    benchmark.extra_info.update(info)
+    return info
+
+
+def _round(value: Optional[float], digits: int = 3) -> Optional[float]:
+    return None if value is None else round(float(value), digits)
+
+
+def assert_finite(*tensors: Iterable) -> None:
+    """Sanity only: every tensor in the (possibly nested) result is finite."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            assert bool(torch.isfinite(t.float()).all()), "benchmark output has NaN/inf values"
+        elif isinstance(t, (tuple, list)):
+            assert_finite(*t)

@@ -1,0 +1,112 @@
+"""One DMIL training step (forward, loss, backward, SGD step) per stage on VGGSound-shaped
+features: 512-d pooled features per modality (identity encoders, or the feature-data MLP encoders),
+C = 309 classes.
+
+Providers: ``reference`` (``dmil_fast.reference.model.ReferenceDMILModel``, the official
+architecture in eager PyTorch), ``compile`` (that model under ``torch.compile(dynamic=False)``;
+CUDA only: compiling a whole training step takes minutes on a CPU) and ``dmil_fast``
+(``dmil_fast.nn.DMILModel``, automatic backends). Reported: samples/s; on CUDA the peak allocated
+memory of a step and the activation memory (allocated after forward + loss minus before it: what
+the step keeps alive for the backward).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_harness import (assert_finite, compiled, devices, label, measure, need, record, release_flush_buffer,
+                           synchronize)
+
+OP = "dmil_step"
+FEATURES = 512
+NUM_CLASSES = 309
+PROVIDERS = ("reference", "compile", "dmil_fast")
+CPU_CASES = [(64, 32, "identity")]  # (B, E, encoder)
+GPU_CASES = [(b, e, "identity") for b in (256, 4096) for e in (32, 256)] + [(4096, 256, "mlp")]
+CPU_COMPILE_REASON = ("torch.compile of a whole DMIL training step takes minutes on CPU (over the CPU "
+                      "smoke budget); the CUDA run measures it")
+
+
+def _cases():
+    out = []
+    for device in devices():
+        for b, e, encoder in (CPU_CASES if device == "cpu" else GPU_CASES):
+            for stage in (1, 2, 3):
+                for provider in PROVIDERS:
+                    out.append(pytest.param(device, b, e, encoder, stage, provider,
+                                            id=f"{device}-B{b}-E{e}-{encoder}-stage{stage}-{provider}"))
+    return out
+
+
+def _encoder(kind: str):
+    if kind == "identity":
+        return None
+    mlp = need("dmil_fast.nn", "MLPEncoder")
+    return mlp(FEATURES, hidden=FEATURES, depth=2, out_dim=FEATURES)
+
+
+def _model(provider: str, e: int, encoder: str, stage: int, device: str):
+    if provider == "dmil_fast":
+        cls = need("dmil_fast.nn", "DMILModel")
+    else:
+        cls = need("dmil_fast.reference.model", "ReferenceDMILModel")
+    torch.manual_seed(0)
+    model = cls(_encoder(encoder), _encoder(encoder), e, NUM_CLASSES, None, stage, FEATURES)
+    model.to(device).train()
+    model.configure_stage(stage)  # after train(): stage 2 keeps the frozen modules in eval mode
+    return model
+
+
+@pytest.mark.parametrize("device, b, e, encoder, stage, provider", _cases())
+def test_bench_dmil_step(benchmark, device, b, e, encoder, stage, provider):
+    if provider == "compile" and device == "cpu":
+        pytest.skip(CPU_COMPILE_REASON)
+    dmil_loss = need("dmil_fast.train", "dmil_loss")
+    config = need("dmil_fast.train", "DMILConfig")()
+    label(benchmark, op=OP, variant=f"stage{stage} {encoder}", provider=provider,
+          shape=f"B={b} D={FEATURES} E={e} C={NUM_CLASSES}", dtype=torch.float32, device=device)
+    model = _model(provider, e, encoder, stage, device)
+    forward = compiled(model) if provider == "compile" else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.stage_lr(stage),
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(0)
+    visual = torch.randn(b, FEATURES, device=device, generator=gen).relu()  # pooled CNN features are >= 0
+    audio = torch.randn(b, FEATURES, device=device, generator=gen).relu()
+    labels = torch.randint(0, NUM_CLASSES, (b,), device=device, generator=gen)
+
+    def loss_of_batch():
+        loss, _ = dmil_loss(forward(visual, audio), labels, stage=stage, config=config)
+        return loss
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of_batch()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    loss = measure(benchmark, step, device)
+    assert_finite(loss)
+    record(benchmark, items=b, **_memory(loss_of_batch, optimizer, device))
+
+
+def _memory(loss_of_batch, optimizer, device: str) -> dict:
+    """Peak allocated memory of one step and the memory kept for the backward (CUDA only)."""
+    if device != "cuda":
+        return {"peak_mem_mb": None, "activation_mem_mb": None}
+    release_flush_buffer()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = loss_of_batch()
+    synchronize(device)
+    activation = torch.cuda.memory_allocated() - before
+    loss.backward()
+    optimizer.step()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated()
+    del loss
+    return {"peak_mem_mb": peak / 2**20, "activation_mem_mb": activation / 2**20,
+            "step_mem_mb": (peak - before) / 2**20}
