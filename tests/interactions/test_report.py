@@ -1,0 +1,115 @@
+"""Interaction reports and the ``score`` subcommand: CSV, summary JSON and plots."""
+
+import argparse
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmil_fast.data import make_synthetic
+from dmil_fast.interactions import report
+from dmil_fast.ops import InteractionScores
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _scores(values):
+    v = torch.as_tensor(values, dtype=torch.float32)
+    zeros = torch.zeros(len(v))
+    return InteractionScores(zeros, zeros, zeros, v[:, 0], v[:, 1], v[:, 2], v[:, 3])
+
+
+def _check_pngs(out):
+    for name in report.PLOT_NAMES:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+
+
+def test_write_report_contents(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(60, 4))
+    labels = rng.integers(0, 3, size=60)
+    truth = rng.integers(0, 4, size=60)
+    split = rng.integers(0, 3, size=60)
+    indices = np.arange(100, 160)
+    summary = report.write_report(_scores(values), tmp_path, indices=indices, labels=labels, split=split,
+                                  class_names=["a", "b", "c"], interaction_type=truth, adjusted=False)
+    dominant = values.argmax(1)
+    with open(tmp_path / "interactions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60
+    names = list(report.DEFAULT_TYPE_NAMES)
+    for i, row in enumerate(rows):
+        assert int(row["index"]) == indices[i] and int(row["label"]) == labels[i]
+        assert row["split"] == ("train", "val", "test")[split[i]]
+        np.testing.assert_allclose([float(row[k]) for k in ("r", "u1", "u2", "s")], values[i], atol=1e-5)
+        assert row["dominant"] == names[dominant[i]]
+        assert row["true_type"] == names[truth[i]]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == summary
+    assert saved["adjusted"] is False
+    np.testing.assert_allclose(list(saved["means"].values()), values.astype(np.float32).mean(0), atol=1e-5)
+    confusion = np.zeros((4, 4), dtype=int)
+    for t, d in zip(truth, dominant):
+        confusion[t, d] += 1
+    assert saved["confusion"] == confusion.tolist()
+    assert saved["agreement"] == pytest.approx(float((truth == dominant).mean()))
+    for k, name in enumerate(["a", "b", "c"]):
+        counts = np.bincount(dominant[labels == k], minlength=4)
+        assert saved["dominant_counts_per_class"][name] == dict(zip(names, counts.tolist()))
+    _check_pngs(tmp_path)
+
+
+def test_write_report_validates(tmp_path):
+    with pytest.raises(ValueError, match="labels must have shape"):
+        report.write_report(_scores(np.zeros((5, 4))), tmp_path, indices=np.arange(5), labels=np.zeros(4))
+    with pytest.raises(ValueError, match="interaction_type codes"):
+        report.write_report(_scores(np.zeros((5, 4))), tmp_path, indices=np.arange(5), labels=np.zeros(5),
+                            interaction_type=np.full(5, 4))
+
+
+def _args(data, out, **extra):
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    argv = ["--data", str(data), "--out", str(out), "--no-progress"]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    args = parser.parse_args(argv)
+    assert args.progress is False
+    return args
+
+
+def test_score_command_without_model(tmp_path):
+    data = make_synthetic(tmp_path / "syn", n=240, dim=4, num_classes=3, seed=0)
+    args = _args(data, tmp_path / "out", epochs=2, seed=1, batch_size=64)
+    assert (args.model, args.redundancy, args.epochs, args.seed, args.batch_size) == (None, "lsmi", 2, 1, 64)
+    assert report.main(args) == 0
+    out = tmp_path / "out"
+    with open(out / "interactions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 240
+    assert sorted(int(r["index"]) for r in rows) == list(range(240))
+    split = np.load(data / "split.npy")
+    assert all(r["split"] == ("train", "val", "test")[split[int(r["index"])]] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_samples"] == 240 and summary["adjusted"] is True
+    assert np.asarray(summary["confusion"]).sum() == 240
+    _check_pngs(out)
+
+
+def test_score_command_with_checkpoint(tmp_path):
+    from dmil_fast.train import DMILConfig, build_model, save_checkpoint
+
+    data = make_synthetic(tmp_path / "syn", n=120, dim=4, num_classes=3, seed=0)
+    config = DMILConfig()
+    for dims, name in (((4, 4), "good.pt"), ((6, 6), "other.pt")):
+        model = build_model("joint", dims, 3, config)
+        spec = {"method": "joint", "dims": list(dims), "num_classes": 3, "stage": 1, "config": config.to_dict()}
+        save_checkpoint(tmp_path / name, {"state_dict": model.state_dict(), "model": spec})
+    args = _args(data, tmp_path / "out", model=tmp_path / "good.pt", epochs=2, redundancy="mmi")
+    assert report.main(args) == 0
+    assert len((tmp_path / "out" / "interactions.csv").read_text().splitlines()) == 121
+    with pytest.raises(ValueError, match="other.pt"):
+        report.main(_args(data, tmp_path / "out2", model=tmp_path / "other.pt", epochs=2))

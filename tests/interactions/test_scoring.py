@@ -1,0 +1,97 @@
+"""score_model: per-sample interactions of a trained model from its own outputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dmil_fast.data import FeatureDataset, make_synthetic
+from dmil_fast.interactions import score_model
+from dmil_fast.reference.interactions import interaction_scores_ref
+
+
+class StandIn(nn.Module):
+    """A fixed two-modality classifier exposing ``interaction_outputs``; records how it was called."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.head_1 = nn.Linear(dim, num_classes)
+        self.head_2 = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        self.calls = []
+
+    def interaction_outputs(self, visual, audio):
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        l1, l2 = self.head_1(visual), self.head_2(audio)
+        return {"logits_1": l1, "logits_2": l2, "logits_12": l1 + l2, "embed_1": visual, "embed_2": audio}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = make_synthetic(tmp_path_factory.mktemp("syn"), n=200, dim=3, num_classes=4, seed=1)
+    return FeatureDataset(path, "train")
+
+
+def _reference(model, dataset):
+    x1, x2, y, idx = dataset.as_tensors()
+    with torch.no_grad():
+        out = model.interaction_outputs(x1, x2)
+    freq = np.bincount(y.numpy(), minlength=4) / len(y)
+    log_prior = torch.tensor(np.log(np.maximum(freq, 1 / len(y))), dtype=torch.float32)
+    return out, y, idx, log_prior
+
+
+def test_mmi_scores_match_reference_in_dataset_order(dataset):
+    model = StandIn(3, 4).train()
+    scores, indices = score_model(model, dataset, batch_size=17, redundancy="mmi", adjust=False, progress=False)
+    calls = list(model.calls)
+    out, y, idx, log_prior = _reference(model, dataset)
+    expected = interaction_scores_ref(out["logits_1"], out["logits_2"], out["logits_12"], y,
+                                      log_prior=log_prior, redundancy="mmi")
+    np.testing.assert_array_equal(indices, idx.numpy())
+    for a, b in zip(scores, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Every forward ran in eval mode without gradients; the caller's mode is restored.
+    assert calls and all(call == (False, False) for call in calls)
+    assert model.training
+
+
+def test_lsmi_scores_use_the_model_pmis_and_densities(dataset):
+    model = StandIn(3, 4).eval()
+    scores, indices = score_model(model, dataset, batch_size=64, density_epochs=3, progress=False)
+    out, y, idx, log_prior = _reference(model, dataset)
+    ref = interaction_scores_ref(out["logits_1"], out["logits_2"], out["logits_12"], y, log_prior=log_prior,
+                                 redundancy="mmi")
+    np.testing.assert_array_equal(indices, idx.numpy())
+    for name in ("pmi_1", "pmi_2", "pmi_12"):
+        torch.testing.assert_close(getattr(scores, name), getattr(ref, name), rtol=1e-5, atol=1e-5)
+    # The decomposition identities hold per sample (after the shift c: u1 + r = i1, s + u1 + u2 + r = i12).
+    torch.testing.assert_close(scores.unique_1 + scores.redundancy, scores.pmi_1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.synergy + scores.unique_1 + scores.unique_2 + scores.redundancy,
+                               scores.pmi_12, rtol=1e-5, atol=1e-5)
+    assert not model.training
+    assert all(torch.isfinite(t).all() for t in scores)
+
+
+def test_uniform_prior(dataset):
+    model = StandIn(3, 4)
+    scores, _ = score_model(model, dataset, redundancy="mmi", prior="uniform", progress=False)
+    out, y, _, _ = _reference(model, dataset)
+    log_p = torch.log_softmax(out["logits_1"], -1).gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(scores.pmi_1, log_p + math.log(4), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments(dataset):
+    with pytest.raises(TypeError, match="interaction_outputs"):
+        score_model(nn.Linear(3, 4), dataset, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        score_model(StandIn(3, 4), dataset, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="redundancy"):
+        score_model(StandIn(3, 4), dataset, redundancy="max", progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        score_model(StandIn(3, 2), dataset, redundancy="mmi", progress=False)
