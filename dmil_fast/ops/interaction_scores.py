@@ -1,17 +1,329 @@
-"""interaction_scores (minimal version: reference backend only)."""
+"""interaction_scores: per-sample pointwise interaction decomposition (LSMI or MMI redundancy).
+
+Backends: ``reference`` (PyTorch, any float dtype and device), ``cpp`` (fused C++ kernel for
+float32/float64 CPU tensors), ``cuda`` (fused CUDA kernel for float16/bfloat16/float32/float64,
+float accumulation below float64), ``triton`` (float16/bfloat16/float32 on CUDA, float32/float64
+on CPU under TRITON_INTERPRET=1). The C++ op ``torch.ops.dmil_fast.interaction_scores`` gets its
+fake (meta) kernel and autograd formula here; its backward is the named op
+``torch.ops.dmil_fast.interaction_scores_backward``. The Triton kernels are the custom ops
+``dmil_fast::interaction_scores_triton{,_backward}`` with the same schemas (``custom_op`` rather
+than ``triton_op``, as for the Gaussian ops: see ``dmil_fast/ops/gaussian_sample.py``).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
-from ..reference.interactions import InteractionScores, adjust_interactions_ref, interaction_scores_ref
+import torch
+
+from ..reference.interactions import InteractionScores, interaction_scores_ref
+from ._dispatch import (
+    OpBackends,
+    cpp_device_reason,
+    cuda_device_reason,
+    dtype_reason,
+    extension_status,
+    register,
+    triton_device_reason,
+)
+from ._validate import FLOAT_DTYPES, check_choice, check_same_device, check_same_dtype, check_tensor
+
+__all__ = ["interaction_scores", "adjust_interactions", "InteractionScores"]
+
+_NAME = "interaction_scores"
+_OP = "dmil_fast::interaction_scores"
+_OP_BACKWARD = "dmil_fast::interaction_scores_backward"
+_REDUNDANCY_CODES = {"lsmi": 0, "mmi": 1}
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_CPP_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = FLOAT_DTYPES
+_TRITON_DTYPES_CPU = (torch.float32, torch.float64)
+_TRITON_DTYPES_CUDA = (torch.float16, torch.bfloat16, torch.float32)
+_INTERACTION_FIELDS = ("redundancy", "unique_1", "unique_2", "synergy")
 
 
-def interaction_scores(logits_1, logits_2, logits_12, labels, *, entropy_1=None, entropy_2=None,
-                       log_prior=None, redundancy: str = "lsmi", backend: Optional[str] = None):
-    return interaction_scores_ref(logits_1, logits_2, logits_12, labels, entropy_1=entropy_1,
-                                  entropy_2=entropy_2, log_prior=log_prior, redundancy=redundancy)
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the fused kernels: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _op_reason() -> Optional[str]:
+    """``None`` when the C++ op is registered, else why it is not."""
+    reason = extension_status()
+    if reason is not None:
+        return reason
+    if not hasattr(torch.ops.dmil_fast, _NAME):
+        return "dmil_fast._C has no interaction_scores op (rebuild the extension)"
+    return None
+
+
+def _cpp_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return (cpp_device_reason(_NAME, device, has_cpp=True) or _op_reason()
+            or dtype_reason(dtype, device, _CPP_DTYPES, _CUDA_DTYPES))
+
+
+def _cuda_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return (cuda_device_reason(_NAME, device, has_cuda=True) or _op_reason()
+            or dtype_reason(dtype, device, _CPP_DTYPES, _CUDA_DTYPES))
+
+
+def _triton_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return triton_device_reason(device) or dtype_reason(dtype, device, _TRITON_DTYPES_CPU,
+                                                        _TRITON_DTYPES_CUDA)
+
+
+BACKENDS = register(OpBackends(_NAME, {
+    "reference": lambda device, dtype: None,
+    "triton": _triton_reason,
+    "cpp": _cpp_reason,
+    "cuda": _cuda_reason,
+}))
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for these inputs; a constant for torch.compile (decided once per guard set)."""
+    return BACKENDS.choose(backend, device, dtype)
+
+
+# ---- torch.library glue: fake kernels and autograd of the fused ops ---------------------------
+
+def _fake_forward(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
+                  redundancy):
+    batch = logits_1.shape[0]
+    scores = logits_1.new_empty((batch, 7))
+    lse = logits_1.new_empty((batch, 3), dtype=_acc_dtype(logits_1.dtype))
+    return scores, lse
+
+
+def _fake_backward(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels, entropy_1,
+                   entropy_2, redundancy):
+    grad_entropy = logits_1.new_empty((logits_1.shape[0], 2), dtype=_acc_dtype(logits_1.dtype))
+    return (torch.empty_like(logits_1, memory_format=torch.contiguous_format),
+            torch.empty_like(logits_2, memory_format=torch.contiguous_format),
+            torch.empty_like(logits_12, memory_format=torch.contiguous_format),
+            grad_entropy)
+
+
+def _setup_context(ctx, inputs, output):
+    logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, _log_prior, redundancy = inputs
+    scores, lse = output
+    ctx.save_for_backward(scores, lse, logits_1, logits_2, logits_12, labels, entropy_1,
+                          entropy_2)
+    ctx.redundancy = redundancy
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_through(backward_op):
+    """The autograd backward of a fused forward op, calling its named backward op."""
+
+    def backward(ctx, grad_scores, _grad_lse):
+        scores, lse, logits_1, logits_2, logits_12, labels, entropy_1, entropy_2 = ctx.saved_tensors
+        g1, g2, g12, g_entropy = backward_op(grad_scores, scores, lse, logits_1, logits_2,
+                                             logits_12, labels, entropy_1, entropy_2,
+                                             ctx.redundancy)
+        g_e1 = g_entropy[:, 0] if entropy_1 is not None else None
+        g_e2 = g_entropy[:, 1] if entropy_2 is not None else None
+        return g1, g2, g12, None, g_e1, g_e2, None, None
+
+    return backward
+
+
+def _register_library_glue() -> None:
+    """Fake kernels and autograd for the C++ ops; nothing when the extension is missing."""
+    if _op_reason() is not None:
+        return
+    torch.library.register_fake(_OP)(_fake_forward)
+    torch.library.register_fake(_OP_BACKWARD)(_fake_backward)
+    torch.library.register_autograd(
+        _OP, _backward_through(torch.ops.dmil_fast.interaction_scores_backward),
+        setup_context=_setup_context)
+
+
+_register_library_glue()
+
+
+@torch.library.custom_op("dmil_fast::interaction_scores_triton", mutates_args=())
+def _triton_forward(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12: torch.Tensor,
+                    labels: torch.Tensor, entropy_1: Optional[torch.Tensor],
+                    entropy_2: Optional[torch.Tensor], log_prior: Optional[torch.Tensor],
+                    redundancy: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.interaction_scores import interaction_scores_fwd
+
+    return interaction_scores_fwd(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2,
+                                  log_prior, redundancy)
+
+
+@torch.library.custom_op("dmil_fast::interaction_scores_triton_backward", mutates_args=())
+def _triton_backward(grad_scores: torch.Tensor, scores: torch.Tensor, lse: torch.Tensor,
+                     logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12: torch.Tensor,
+                     labels: torch.Tensor, entropy_1: Optional[torch.Tensor],
+                     entropy_2: Optional[torch.Tensor], redundancy: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels.interaction_scores import interaction_scores_bwd
+
+    return interaction_scores_bwd(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels,
+                                  entropy_1, entropy_2, redundancy)
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_triton_forward.register_autograd(_backward_through(_triton_backward),
+                                  setup_context=_setup_context)
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+def _check_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
+                redundancy) -> None:
+    check_tensor("logits_1", logits_1, ndim=2)
+    check_tensor("logits_2", logits_2, ndim=2)
+    check_tensor("logits_12", logits_12, ndim=2)
+    for name, value in (("logits_2", logits_2), ("logits_12", logits_12)):
+        if value.shape != logits_1.shape:
+            raise ValueError(f"{name} must have the shape of logits_1 (B, C) = "
+                             f"{tuple(logits_1.shape)}, got {tuple(value.shape)}")
+    check_same_dtype(logits_1=logits_1, logits_2=logits_2, logits_12=logits_12)
+    batch, num_classes = logits_1.shape
+    check_tensor("labels", labels, ndim=1, dtypes=_LABEL_DTYPES)
+    if labels.shape[0] != batch:
+        raise ValueError(f"labels must have length B = {batch} (the rows of logits_1), "
+                         f"got shape {tuple(labels.shape)}")
+    check_choice("redundancy", redundancy, tuple(_REDUNDANCY_CODES))
+    for name, value in (("entropy_1", entropy_1), ("entropy_2", entropy_2)):
+        if value is None:
+            if redundancy == "lsmi":
+                raise ValueError(f"redundancy='lsmi' needs {name}: pointwise entropies of shape "
+                                 f"(B,) = ({batch},); pass them or use redundancy='mmi'")
+            continue
+        check_tensor(name, value, ndim=1)
+        if value.shape[0] != batch:
+            raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(value.shape)}")
+    if log_prior is not None:
+        check_tensor("log_prior", log_prior, ndim=1)
+        if log_prior.shape[0] != num_classes:
+            raise ValueError(f"log_prior must have shape (C,) = ({num_classes},), "
+                             f"got {tuple(log_prior.shape)}")
+    check_same_device(logits_1=logits_1, logits_2=logits_2, logits_12=logits_12, labels=labels,
+                      entropy_1=entropy_1, entropy_2=entropy_2, log_prior=log_prior)
+    if not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must lie in [0, C) = [0, {num_classes}), "
+                             f"got values from {low} to {high}")
+
+
+def _check_no_nan(scores: torch.Tensor, **inputs: Optional[torch.Tensor]) -> None:
+    """Raise when the scores or an input hold NaN, naming the input. A NaN entropy can vanish in
+    min(), so the (B,)/(C,) inputs are checked themselves; the logits only through the scores.
+    One host sync."""
+    if torch.compiler.is_compiling():
+        return
+    flag = torch.isnan(scores).any()
+    for name in ("entropy_1", "entropy_2", "log_prior"):
+        if inputs.get(name) is not None:
+            flag = flag | torch.isnan(inputs[name]).any()
+    if not bool(flag):
+        return
+    for name, value in inputs.items():
+        if value is not None and bool(torch.isnan(value).any()):
+            raise ValueError(f"{name} contains NaN; expected finite values")
+    raise ValueError("the scores are NaN although no input is: logits_1, logits_2 or logits_12 "
+                     "hold infinities (+inf, or -inf at the label or over a whole row), or "
+                     "entropy_1/entropy_2 are infinite; expected finite values")
+
+
+# ---- public ops ----------------------------------------------------------------------------------
+
+def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12: torch.Tensor,
+                       labels: torch.Tensor, *, entropy_1: Optional[torch.Tensor] = None,
+                       entropy_2: Optional[torch.Tensor] = None,
+                       log_prior: Optional[torch.Tensor] = None, redundancy: str = "lsmi",
+                       backend: Optional[str] = None) -> InteractionScores:
+    """Per-sample interaction scores in nats.
+
+    Args:
+        logits_1, logits_2, logits_12: (B, C) classifier logits from modality 1, modality 2 and
+            both; one floating dtype, any strides.
+        labels: (B,) integer class indices in [0, C).
+        entropy_1, entropy_2: (B,) pointwise entropies -log p(x_m) of a density model, any float
+            dtype (used in the accumulation dtype); required for ``redundancy="lsmi"``, ignored
+            for ``"mmi"``. Differentiable.
+        log_prior: (C,) log class prior; default log(1/C). Not differentiated.
+        redundancy: ``"lsmi"`` (r = min(h1, h2) - min(h1 - i1, h2 - i2)) or ``"mmi"``
+            (r = min(i1, i2)); min takes its first argument on ties, and so does the gradient.
+        backend: None (automatic), "reference", "cpp", "cuda" or "triton" (see
+            ``python -m dmil_fast.info``).
+
+    Returns:
+        InteractionScores of (B,) tensors in the logits dtype (columns of one (B, 7) tensor for the
+        fused backends): pmi_1, pmi_2, pmi_12, redundancy, unique_1, unique_2, synergy.
+        Differentiable w.r.t. the three logits and both entropies.
+
+    Equivalent PyTorch::
+
+        i_k = log_softmax(logits_k.float(), -1).gather(-1, labels[:, None])[:, 0] - log_prior[labels]
+        r = min(h1, h2) - min(h1 - i1, h2 - i2)          # or min(i1, i2)
+        u1, u2 = i1 - r, i2 - r
+        s = i12 - r - u1 - u2
+    """
+    _check_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior, redundancy)
+    choice = _choose_backend(backend, logits_1.device, logits_1.dtype)
+    nan_sources = dict(logits_1=logits_1, logits_2=logits_2, logits_12=logits_12,
+                       entropy_1=entropy_1, entropy_2=entropy_2, log_prior=log_prior)
+    if choice == "reference":
+        out = interaction_scores_ref(
+            logits_1, logits_2, logits_12, labels, entropy_1=entropy_1, entropy_2=entropy_2,
+            log_prior=log_prior.detach() if log_prior is not None else None, redundancy=redundancy)
+        _check_no_nan(torch.stack(tuple(out)), **nan_sources)
+        return out
+    acc = _acc_dtype(logits_1.dtype)
+    lsmi = redundancy == "lsmi"
+    fused = (torch.ops.dmil_fast.interaction_scores_triton if choice == "triton"
+             else torch.ops.dmil_fast.interaction_scores)
+    scores, _ = fused(
+        logits_1, logits_2, logits_12, labels.long(),
+        entropy_1.to(acc) if lsmi else None,
+        entropy_2.to(acc) if lsmi else None,
+        log_prior.detach().to(acc) if log_prior is not None else None,
+        _REDUNDANCY_CODES[redundancy])
+    _check_no_nan(scores, **nan_sources)
+    return InteractionScores(*scores.unbind(1))  # seven (B,) columns
+
+
+def _shifted(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return (x.float() + c.float()).to(x.dtype)
+    return x + c.to(x.dtype)
 
 
 def adjust_interactions(scores: InteractionScores) -> InteractionScores:
-    return adjust_interactions_ref(scores)
+    """Dataset-level shift of per-sample scores (means taken over all of them, in float64).
+
+    With means R, U1, U2, S: if R < 0 or S < 0, c = -min(R, S); elif U1 < 0 or U2 < 0,
+    c = min(U1, U2); else c = 0. Returns the scores with r + c, s + c, u1 - c, u2 - c
+    (pmi fields unchanged); c is a constant for autograd.
+
+    Args:
+        scores: InteractionScores whose redundancy, unique_1, unique_2 and synergy are (B,)
+            floating tensors, B >= 1, on one device.
+    """
+    if not isinstance(scores, InteractionScores):
+        raise TypeError(f"scores must be an InteractionScores (from interaction_scores), "
+                        f"got {type(scores).__name__}")
+    ref = check_tensor("scores.redundancy", scores.redundancy, ndim=1)
+    for name in _INTERACTION_FIELDS[1:]:
+        value = check_tensor(f"scores.{name}", getattr(scores, name), ndim=1)
+        if value.shape != ref.shape:
+            raise ValueError(f"scores.{name} must have the shape of scores.redundancy "
+                             f"{tuple(ref.shape)}, got {tuple(value.shape)}")
+    check_same_device(**{f"scores.{n}": getattr(scores, n) for n in _INTERACTION_FIELDS})
+    r, u1, u2, s = (getattr(scores, n).detach().double().mean() for n in _INTERACTION_FIELDS)
+    c = torch.where((r < 0) | (s < 0), -torch.minimum(r, s),
+                    torch.where((u1 < 0) | (u2 < 0), torch.minimum(u1, u2), torch.zeros_like(r)))
+    return scores._replace(
+        redundancy=_shifted(scores.redundancy, c),
+        synergy=_shifted(scores.synergy, c),
+        unique_1=_shifted(scores.unique_1, -c),
+        unique_2=_shifted(scores.unique_2, -c),
+    )

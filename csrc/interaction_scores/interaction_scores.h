@@ -1,0 +1,114 @@
+// Per-sample interaction scores (LSMI / MMI): declarations shared by the CPU and CUDA kernels.
+//
+// Op contract (namespace dmil_fast):
+//   interaction_scores(logits_1, logits_2, logits_12, labels, entropy_1?, entropy_2?, log_prior?,
+//                      redundancy) -> (scores (B, 7) in the logits dtype, lse (B, 3) in the
+//                                      accumulation dtype)
+//   interaction_scores_backward(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels,
+//                               entropy_1?, entropy_2?, redundancy)
+//       -> (grad_logits_1, grad_logits_2, grad_logits_12, grad_entropy (B, 2))
+// Score columns: pmi_1, pmi_2, pmi_12, redundancy, unique_1, unique_2, synergy.
+// The accumulation dtype is float for half/bfloat16/float logits and double for double logits;
+// entropies and the log prior are passed in that dtype.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace dmil_fast {
+namespace interaction {
+
+enum Redundancy : int64_t { kLsmi = 0, kMmi = 1 };
+
+constexpr int kNumScores = 7;
+constexpr int kNumRows = 3;
+
+// Sizes shared by all inputs, returned by the argument checks.
+struct Sizes {
+  int64_t batch;
+  int64_t num_classes;
+};
+
+// TORCH_CHECKs on the forward arguments (ranks, sizes, dtypes, devices); `device_type` is the
+// device the calling kernel runs on. Defined in interaction_scores_cpu.cpp.
+Sizes check_forward_args(const at::Tensor& logits_1, const at::Tensor& logits_2,
+                         const at::Tensor& logits_12, const at::Tensor& labels,
+                         const std::optional<at::Tensor>& entropy_1,
+                         const std::optional<at::Tensor>& entropy_2,
+                         const std::optional<at::Tensor>& log_prior, int64_t redundancy,
+                         c10::DeviceType device_type);
+
+// The same for the backward arguments (grad_scores, scores and lse shapes and dtypes too).
+Sizes check_backward_args(const at::Tensor& grad_scores, const at::Tensor& scores,
+                          const at::Tensor& lse, const at::Tensor& logits_1,
+                          const at::Tensor& logits_2, const at::Tensor& logits_12,
+                          const at::Tensor& labels, const std::optional<at::Tensor>& entropy_1,
+                          const std::optional<at::Tensor>& entropy_2, int64_t redundancy,
+                          c10::DeviceType device_type);
+
+// min(a, b) that takes `a` on ties; the gradient follows the chosen argument.
+template <typename T>
+C10_HOST_DEVICE inline T first_min(T a, T b) {
+  return a <= b ? a : b;
+}
+
+// From the three pointwise mutual informations (and, for LSMI, the two pointwise entropies)
+// to the seven score columns. Same operation order as the PyTorch reference.
+template <typename T>
+C10_HOST_DEVICE inline void decompose(T i1, T i2, T i12, T h1, T h2, int64_t redundancy,
+                                      T* out) {
+  T r;
+  if (redundancy == kLsmi) {
+    r = first_min(h1, h2) - first_min(h1 - i1, h2 - i2);
+  } else {
+    r = first_min(i1, i2);
+  }
+  const T u1 = i1 - r;
+  const T u2 = i2 - r;
+  out[0] = i1;
+  out[1] = i2;
+  out[2] = i12;
+  out[3] = r;
+  out[4] = u1;
+  out[5] = u2;
+  out[6] = i12 - r - u1 - u2;
+}
+
+// Gradient of `decompose`. With u1 = i1 - r, u2 = i2 - r and s = i12 - i1 - i2 + r, the
+// redundancy r collects G = g_r - g_u1 - g_u2 + g_s, which then flows to whichever arguments
+// the two first_min calls picked (selects, not products, so an unpicked branch gets exactly 0).
+// Writes g_i[0..2] (i1, i2, i12) and g_h[0..1] (h1, h2).
+template <typename T>
+C10_HOST_DEVICE inline void decompose_backward(const T* g, T i1, T i2, T h1, T h2,
+                                               int64_t redundancy, T* g_i, T* g_h) {
+  const T zero = T(0);
+  const T big_g = g[3] - g[4] - g[5] + g[6];
+  T to_i1;
+  T to_i2;
+  g_h[0] = zero;
+  g_h[1] = zero;
+  if (redundancy == kLsmi) {
+    // r = min(h1, h2) - min(h1 - i1, h2 - i2)
+    const bool first_h = h1 <= h2;
+    const bool first_d = (h1 - i1) <= (h2 - i2);
+    to_i1 = first_d ? big_g : zero;
+    to_i2 = first_d ? zero : big_g;
+    if (first_h != first_d) {
+      g_h[0] = first_h ? big_g : -big_g;
+      g_h[1] = first_h ? -big_g : big_g;
+    }
+  } else {
+    const bool first_i = i1 <= i2;
+    to_i1 = first_i ? big_g : zero;
+    to_i2 = first_i ? zero : big_g;
+  }
+  g_i[0] = g[0] + g[4] - g[6] + to_i1;
+  g_i[1] = g[1] + g[5] - g[6] + to_i2;
+  g_i[2] = g[2] + g[6];
+}
+
+}  // namespace interaction
+}  // namespace dmil_fast
