@@ -155,3 +155,14 @@ def register(op: OpBackends) -> OpBackends:
 
 def registered_ops() -> List[OpBackends]:
     return list(_REGISTRY.values())
+
+
+@torch.compiler.assume_constant_result
+def choose_backend(name: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for op ``name`` and these inputs.
+
+    Under torch.compile the choice is made once while tracing and kept as a constant (the
+    capability checks import modules and read the environment, which would break the graph),
+    so changing ``DMIL_FAST_BACKEND`` after compiling takes effect only on recompilation.
+    """
+    return _REGISTRY[name].choose(backend, device, dtype)

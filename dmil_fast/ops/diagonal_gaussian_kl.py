@@ -13,9 +13,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..reference.gaussian import diagonal_gaussian_kl_ref
-from ._dispatch import register
+from ._dispatch import choose_backend, register
 from ._validate import check_choice, check_same_device, check_same_dtype, check_same_shape, check_tensor
-from .gaussian_sample import backends_of, choose_backend
+from .gaussian_sample import backends_of
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from ..reference.gaussian import gaussian_sample_ref
-from ._dispatch import (OpBackends, cpp_device_reason, cuda_device_reason, dtype_reason, register,
-                        registered_ops, triton_device_reason)
+from ._dispatch import (OpBackends, choose_backend, cpp_device_reason, cuda_device_reason, dtype_reason,
+                        register, triton_device_reason)
 from ._validate import check_same_device, check_same_dtype, check_same_shape, check_tensor
 
 TRITON_DTYPES_CPU = (torch.float32, torch.float64)
@@ -43,14 +43,6 @@ def backends_of(name: str) -> OpBackends:
 
 
 register(backends_of("gaussian_sample"))
-
-
-@torch.compiler.assume_constant_result
-def choose_backend(name: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The backend for op ``name``. Under torch.compile the choice is made once while tracing
-    and kept as a constant (the capability checks import modules and read the environment)."""
-    table = next(op for op in registered_ops() if op.name == name)
-    return table.choose(backend, device, dtype)
 
 
 def check_seed(seed) -> None:

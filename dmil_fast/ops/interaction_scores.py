@@ -19,6 +19,7 @@ import torch
 from ..reference.interactions import InteractionScores, interaction_scores_ref
 from ._dispatch import (
     OpBackends,
+    choose_backend,
     cpp_device_reason,
     cuda_device_reason,
     dtype_reason,
@@ -78,12 +79,6 @@ BACKENDS = register(OpBackends(_NAME, {
     "cpp": _cpp_reason,
     "cuda": _cuda_reason,
 }))
-
-
-@torch.compiler.assume_constant_result
-def _choose_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The backend for these inputs; a constant for torch.compile (decided once per guard set)."""
-    return BACKENDS.choose(backend, device, dtype)
 
 
 # ---- torch.library glue: fake kernels and autograd of the fused ops ---------------------------
@@ -268,7 +263,7 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
         s = i12 - r - u1 - u2
     """
     _check_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior, redundancy)
-    choice = _choose_backend(backend, logits_1.device, logits_1.dtype)
+    choice = choose_backend(BACKENDS.name, backend, logits_1.device, logits_1.dtype)
     nan_sources = dict(logits_1=logits_1, logits_2=logits_2, logits_12=logits_12,
                        entropy_1=entropy_1, entropy_2=entropy_2, log_prior=log_prior)
     if choice == "reference":

@@ -15,9 +15,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..reference.gaussian import variational_bottleneck_grouped_ref, variational_bottleneck_ref
-from ._dispatch import register
+from ._dispatch import choose_backend, register
 from ._validate import check_same_device, check_same_dtype, check_tensor
-from .gaussian_sample import backends_of, check_seed, choose_backend, seed_tensor, seeded_generator
+from .gaussian_sample import backends_of, check_seed, seed_tensor, seeded_generator
 
 register(backends_of("variational_bottleneck"))
 
