@@ -1,0 +1,19 @@
+"""Modules: the variational bottleneck, the DMIL model, baselines and feature encoders."""
+
+from .baselines import EnsembleModel, JointModel
+from .bottleneck import VariationalBottleneck, grouped_sample
+from .dmil import KL_SCALE, STAGE1_MODULES, CrossModality, DMILModel, pool_encoder_output
+from .encoders import MLPEncoder
+
+__all__ = [
+    "VariationalBottleneck",
+    "grouped_sample",
+    "DMILModel",
+    "CrossModality",
+    "KL_SCALE",
+    "STAGE1_MODULES",
+    "pool_encoder_output",
+    "JointModel",
+    "EnsembleModel",
+    "MLPEncoder",
+]

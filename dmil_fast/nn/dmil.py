@@ -1,0 +1,331 @@
+"""DMILModel: drop-in for the official DMIL model, built on the fused variational-bottleneck ops."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import BACKENDS
+from .bottleneck import VariationalBottleneck
+from .decomposition import align_kl, first_level, recon_loss, second_level
+
+Tensor = torch.Tensor
+
+#: The official model multiplies every KL it returns by this factor (its ``get_loss`` default
+#: ``lamb=0.1``); the outputs ``loss_IB``, ``loss_red``, ``loss_uni``, ``loss_inter`` carry it.
+KL_SCALE = 0.1
+
+#: Modules that stage 2 freezes (requires_grad False and eval mode), in the official order.
+STAGE1_MODULES = ("visual_net", "audio_net", "embed_v", "embed_a", "IB_m1_tr", "IB_m1_ir", "IB_m2_tr",
+                  "IB_m2_ir", "recon_1", "recon_2", "tr1_fc", "tr2_fc")
+
+TRAIN_MODALITIES = ("both", "visual", "audio")
+
+
+class CrossModality(nn.Module):
+    """Synergy latent: ``fc_out`` = Linear(3E, E) on [x1, x2, x1 * x2] (x1, x2: (B, E))."""
+
+    def __init__(self, embed_size: int, *, device=None, dtype=None):
+        super().__init__()
+        self.fc_out = nn.Linear(3 * embed_size, embed_size, device=device, dtype=dtype)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return self.fc_out(torch.cat((x1, x2, x1 * x2), dim=1))  # (B, 3E) -> (B, E)
+
+
+def _recon_net(embed_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2 * embed_size, embed_size // 2), nn.ReLU(),
+                         nn.Linear(embed_size // 2, embed_size))
+
+
+def pool_encoder_output(x: Tensor, batch_size: int, name: str) -> Tensor:
+    """Encoder output -> (B, C) features.
+
+    (B, D) passes through; (B*T, C, H, W) maps are average-pooled over (T, H, W) per sample,
+    the frames of sample b being rows [b*T, (b+1)*T) as the official ``normal_reshape`` reads them.
+    """
+    if x.dim() == 2:
+        if x.shape[0] != batch_size:
+            raise ValueError(f"{name} returned {x.shape[0]} rows for a batch of {batch_size}")
+        return x
+    if x.dim() == 4:
+        n, c, h, w = x.shape
+        if n % batch_size != 0:
+            raise ValueError(f"{name} returned {n} maps, not a multiple of the batch size {batch_size}")
+        x = x.view(batch_size, n // batch_size, c, h, w).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
+        return torch.flatten(F.adaptive_avg_pool3d(x, 1), 1)  # (B, C)
+    raise ValueError(f"{name} must return (B, D) features or (B*T, C, H, W) maps, got shape {tuple(x.shape)}")
+
+
+class DMILModel(nn.Module):
+    """Decomposition-based multimodal interaction learning (DESIGN section 1), drop-in.
+
+    Same constructor, submodule and parameter names as the official ``DMILModel`` (its
+    state_dict loads here with ``strict=True`` and ours there), same ``configure_stage``, same
+    ``forward(visual, audio, train_modality='both')`` and output keys:
+
+    - stage 1: ``v_out``, ``a_out`` (B, C) logits of z_tr; ``out`` = their mean;
+      ``loss_IB`` (v, a) = 0.1 (KL_tr + KL_ir) per modality; ``loss_rec_input`` (v, a).
+    - stages 2 and 3: ``out`` (gated), ``out_synergy``, ``out_red``, ``out_unique`` (1, 2),
+      ``loss_inter`` (1, 2), ``loss_rec_tr`` (1, 2), ``loss_uni`` (1, 2), ``loss_red``,
+      ``gate_weights`` (B, 4) in the order (U1, U2, R, S), ``v_out``, ``a_out`` (stage 2: the
+      classifiers on the means mu_tr; stage 3: on the samples z_tr); stage 3 also ``loss_IB``
+      and ``loss_rec_input``.
+
+    Every loss value is a (1,) tensor and every KL carries the official factor 0.1 (``KL_SCALE``).
+    (A later revision of the official code drops that factor and the unused ``clf_*`` layers;
+    its state_dicts load here with ``strict=False``, which leaves only the ``clf_*`` keys missing.)
+
+    Args:
+        video_model, audio_model: encoders returning (B, input_size) features or
+            (B*T, input_size, H, W) maps; ``None`` means the inputs already are features.
+        embed_size: E. num_class: C. input_size: the encoders' output width.
+        method: accepted for compatibility (the official config object); not required, not used.
+        stage: 1, 2 or 3; the constructor applies ``configure_stage(stage)``.
+        backend: ``None`` lets the fused ops choose by device; ``"reference"`` runs plain PyTorch
+            drawing eps with ``torch.randn_like`` in the official order, so with the same torch
+            seed (and weights) it reproduces the official model; any other name of
+            ``dmil_fast.ops.BACKENDS`` is forwarded to the ops.
+
+    Differences from the official code: nothing is printed; ``train()`` keeps the stage-1
+    modules in eval mode while ``stage == 2``; leaving stage 2 through ``configure_stage`` puts
+    them back in the model's current mode; the constructor validates ``stage`` and applies it.
+    """
+
+    def __init__(self, video_model: Optional[nn.Module], audio_model: Optional[nn.Module],
+                 embed_size: int = 512, num_class: int = 101, method=None, stage: int = 1,
+                 input_size: int = 512, *, backend: Optional[str] = None):
+        super().__init__()
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+        for name, value in (("embed_size", embed_size), ("num_class", num_class), ("input_size", input_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_size < 2:
+            raise ValueError(f"embed_size must be at least 2 (the reconstruction MLPs use E // 2), got {embed_size}")
+        E = embed_size
+        self.backend = backend
+        self.method_name = getattr(method, "method_name", None)
+        # Construction order follows the official model, so one torch seed gives both the same init.
+        self.audio_net = audio_model if audio_model is not None else nn.Identity()
+        self.visual_net = video_model if video_model is not None else nn.Identity()
+        self.embed_size = E
+        self.num_class = num_class
+        self.input_size = input_size
+        self.stage = None  # set by configure_stage below
+        self.embed_v = nn.Linear(input_size, E)
+        self.embed_a = nn.Linear(input_size, E)
+        self.clf_audio_fc = nn.Linear(E, num_class)  # unused, kept for state_dict compatibility
+        self.clf_visual_fc = nn.Linear(E, num_class)  # unused
+        self.clf_joint_fc = nn.Linear(2 * E, num_class)  # unused
+        self.IB_m1_tr = VariationalBottleneck(E, E)
+        self.IB_m1_ir = VariationalBottleneck(E, E)
+        self.IB_m2_tr = VariationalBottleneck(E, E)
+        self.IB_m2_ir = VariationalBottleneck(E, E)
+        self.IB_redundancy = VariationalBottleneck(2 * E, E)
+        self.IB_m1_r = VariationalBottleneck(E, E)
+        self.IB_m2_r = VariationalBottleneck(E, E)
+        self.IB_m1_unique = VariationalBottleneck(E, E)
+        self.IB_m2_unique = VariationalBottleneck(E, E)
+        self.cross_modality = CrossModality(E)
+        self.recon_1 = _recon_net(E)
+        self.recon_2 = _recon_net(E)
+        self.recon_tr_1 = _recon_net(E)
+        self.recon_tr_2 = _recon_net(E)
+        self.tr1_fc = nn.Linear(E, num_class)
+        self.tr2_fc = nn.Linear(E, num_class)
+        self.red_fc = nn.Linear(E, num_class)
+        self.unique1_fc = nn.Linear(E, num_class)
+        self.unique2_fc = nn.Linear(E, num_class)
+        self.synergy_fc = nn.Linear(E, num_class)
+        self.gating_network = nn.Sequential(nn.Linear(4 * E, E), nn.ReLU(), nn.Linear(E, 4), nn.Softmax(dim=1))
+        self.configure_stage(stage)
+
+    # ------------------------------------------------------------ stage control
+
+    def extra_repr(self) -> str:
+        return f"embed_size={self.embed_size}, num_class={self.num_class}, stage={self.stage}, backend={self.backend}"
+
+    def _stage1_modules(self):
+        return [getattr(self, name) for name in STAGE1_MODULES]
+
+    def configure_stage(self, stage: int) -> None:
+        """Select the training stage and apply its freezing.
+
+        Stage 2 freezes the encoders, embeddings and all stage-1 modules (``STAGE1_MODULES``):
+        ``requires_grad=False`` and eval mode (so BatchNorm statistics stay fixed). Stages 1 and 3
+        make them trainable again; leaving stage 2 also gives them the model's current mode.
+        """
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        was_frozen = getattr(self, "stage", None) == 2
+        self.stage = stage
+        trainable = stage != 2
+        for module in self._stage1_modules():
+            for p in module.parameters():
+                p.requires_grad_(trainable)
+            if not trainable:
+                module.eval()
+            elif was_frozen:
+                module.train(self.training)
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, except that in stage 2 the frozen stage-1 modules stay in eval mode."""
+        super().train(mode)
+        if mode and self.stage == 2:
+            for module in self._stage1_modules():
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------ forward
+
+    @property
+    def _reference(self) -> bool:
+        return self.backend == "reference"
+
+    @property
+    def _op_backend(self) -> Optional[str]:
+        return None if self._reference else self.backend
+
+    def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
+        """Encoders, (T, H, W) pooling and ``embed_v``/``embed_a``: -> e1, e2 of shape (B, E)."""
+        batch = visual.size(0)
+        v = pool_encoder_output(self.visual_net(visual), batch, "video_model (visual_net)")
+        a = pool_encoder_output(self.audio_net(audio), batch, "audio_model (audio_net)")
+        for name, feat in (("visual", v), ("audio", a)):
+            if feat.shape[1] != self.input_size:
+                raise ValueError(f"the {name} encoder output has {feat.shape[1]} features, expected "
+                                 f"input_size={self.input_size}")
+        return self.embed_v(v), self.embed_a(a)
+
+    def forward(self, visual: Tensor, audio: Tensor, train_modality: str = "both") -> Dict[str, object]:
+        """visual, audio: encoder inputs with the same batch size B -> dict of outputs (class docstring).
+
+        ``train_modality`` ('both', 'visual' or 'audio') selects the modalities of stage 1, as in
+        the official code (one modality: ``v_out = a_out = out`` and the other's losses are 0);
+        stages 2 and 3 ignore it.
+        """
+        if self.stage == 1 and train_modality not in TRAIN_MODALITIES:
+            raise ValueError(f"train_modality must be one of {TRAIN_MODALITIES}, got {train_modality!r}")
+        e1, e2 = self.embed(visual, audio)
+        if self.stage == 1:
+            return self._stage1(e1, e2, train_modality)
+        if self.stage == 2:
+            return self._stage2(e1, e2)
+        if self.stage == 3:
+            return self._stage3(e1, e2)
+        raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
+
+    def _first_level(self, pairs, *, interleaved: bool):
+        return first_level(pairs, sample=self.training, reference=self._reference, interleaved=interleaved,
+                           backend=self._op_backend)
+
+    def _stage1(self, e1: Tensor, e2: Tensor, train_modality: str) -> Dict[str, object]:
+        branches = []
+        if train_modality in ("both", "visual"):
+            branches.append((e1, (self.IB_m1_tr, self.IB_m1_ir), self.recon_1, self.tr1_fc))
+        if train_modality in ("both", "audio"):
+            branches.append((e2, (self.IB_m2_tr, self.IB_m2_ir), self.recon_2, self.tr2_fc))
+        pairs = self._first_level([(x, heads) for x, heads, _, _ in branches], interleaved=False)
+        results = []
+        for (x, _, recon, clf), hp in zip(branches, pairs):
+            rec = recon(hp.z_cat)  # [z_tr, z_ir]: (B, 2E) -> (B, E)
+            kl = KL_SCALE * hp.kl[0].reshape(1) + KL_SCALE * hp.kl[1].reshape(1)
+            results.append((clf(hp.z_tr), kl, recon_loss(x, rec, reference=self._reference)))
+        if train_modality == "both":
+            (v_out, kl_v, rec_v), (a_out, kl_a, rec_a) = results
+            return {"v_out": v_out, "a_out": a_out, "out": (v_out + a_out) / 2,
+                    "loss_IB": (kl_v, kl_a), "loss_rec_input": (rec_v, rec_a)}
+        (logits, kl, rec), zero = results[0], e1.new_zeros(1)
+        losses = ((kl, zero), (rec, zero)) if train_modality == "visual" else ((zero, kl), (zero, rec))
+        return {"v_out": logits, "a_out": logits, "out": logits,
+                "loss_IB": losses[0], "loss_rec_input": losses[1]}
+
+    def _stage2(self, e1: Tensor, e2: Tensor) -> Dict[str, object]:
+        with torch.no_grad():  # stage-1 modules are frozen: no graph through them
+            m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
+                                        (e2, (self.IB_m2_tr, self.IB_m2_ir))], interleaved=True)
+        mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
+        outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir)
+        outputs["v_out"] = self.tr1_fc(mu_tr1)
+        outputs["a_out"] = self.tr2_fc(mu_tr2)
+        return outputs
+
+    def _stage3(self, e1: Tensor, e2: Tensor) -> Dict[str, object]:
+        m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
+                                    (e2, (self.IB_m2_tr, self.IB_m2_ir))], interleaved=True)
+        rec_1 = self.recon_1(m1.z_cat)  # [z_tr1, z_ir1]: (B, 2E) -> (B, E)
+        rec_2 = self.recon_2(m2.z_cat)
+        outputs = self._second_level(m1.mu_tr, m2.mu_tr, m1.z_ir, m2.z_ir)
+        ref = self._reference
+        outputs.update({
+            "v_out": self.tr1_fc(m1.z_tr),
+            "a_out": self.tr2_fc(m2.z_tr),
+            "loss_IB": (KL_SCALE * m1.kl[0].reshape(1) + KL_SCALE * m1.kl[1].reshape(1),
+                        KL_SCALE * m2.kl[0].reshape(1) + KL_SCALE * m2.kl[1].reshape(1)),
+            "loss_rec_input": (recon_loss(e1, rec_1, reference=ref), recon_loss(e2, rec_2, reference=ref)),
+        })
+        return outputs
+
+    def _second_level(self, mu_tr1: Tensor, mu_tr2: Tensor, z_ir1: Tensor, z_ir2: Tensor) -> Dict[str, object]:
+        """Redundancy, uniqueness, synergy and gating on (B, E) inputs (DESIGN section 1, stage 2)."""
+        ref, backend = self._reference, self._op_backend
+        h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend)
+        rec_tr_1 = self.recon_tr_1(torch.cat((h.z_red, h.z_unique_1), dim=1))  # (B, 2E) -> (B, E)
+        rec_tr_2 = self.recon_tr_2(torch.cat((h.z_red, h.z_unique_2), dim=1))
+        z_synergy = self.cross_modality(z_ir1, z_ir2)
+        out_red = self.red_fc(h.z_red)
+        out_unique_1 = self.unique1_fc(h.z_unique_1)
+        out_unique_2 = self.unique2_fc(h.z_unique_2)
+        out_synergy = self.synergy_fc(z_synergy)
+        gate = self.gating_network(torch.cat((h.z_unique_1, h.z_unique_2, h.z_red, z_synergy), dim=1))  # (B, 4)
+        out = (gate[:, 0:1] * out_unique_1 + gate[:, 1:2] * out_unique_2
+               + gate[:, 2:3] * out_red + gate[:, 3:4] * out_synergy)
+        return {
+            "out": out,
+            "out_synergy": out_synergy,
+            "out_red": out_red,
+            "out_unique": (out_unique_1, out_unique_2),
+            "loss_inter": (KL_SCALE * align_kl(h, 1, reference=ref, backend=backend).reshape(1),
+                           KL_SCALE * align_kl(h, 2, reference=ref, backend=backend).reshape(1)),
+            "loss_rec_tr": (recon_loss(mu_tr1, rec_tr_1, reference=ref), recon_loss(mu_tr2, rec_tr_2, reference=ref)),
+            "loss_uni": (KL_SCALE * h.kl_unique_1.reshape(1), KL_SCALE * h.kl_unique_2.reshape(1)),
+            "loss_red": KL_SCALE * h.kl_red.reshape(1),
+            "gate_weights": gate,
+        }
+
+    # ------------------------------------------------------------ analysis
+
+    def interaction_outputs(self, visual: Tensor, audio: Tensor) -> Dict[str, Tensor]:
+        """Logits and embeddings for per-sample interaction scoring (LSMI), eval semantics.
+
+        The model runs in eval mode (no sampling, BatchNorm running statistics) for this call;
+        each submodule's train/eval mode is restored afterwards. Gradients follow the caller's
+        grad mode.
+
+        Returns a dict of:
+            logits_1: (B, C) ``tr1_fc(mu_tr1)``, the visual (modality-1) prediction.
+            logits_2: (B, C) ``tr2_fc(mu_tr2)``, the audio (modality-2) prediction.
+            logits_12: (B, C) the multimodal prediction ``out`` of the current stage (stages 2
+                and 3: the gated mixture; stage 1: the mean of the two unimodal logits).
+            embed_1, embed_2: (B, E) the embeddings after ``embed_v`` / ``embed_a``.
+        """
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            e1, e2 = self.embed(visual, audio)
+            if self.stage == 1:
+                outputs = self._stage1(e1, e2, "both")
+            elif self.stage == 2:
+                outputs = self._stage2(e1, e2)
+            else:
+                outputs = self._stage3(e1, e2)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        # In eval mode z = mu, so v_out / a_out are tr{1,2}_fc(mu_tr{1,2}) in every stage.
+        return {"logits_1": outputs["v_out"], "logits_2": outputs["a_out"], "logits_12": outputs["out"],
+                "embed_1": e1, "embed_2": e2}

@@ -1,0 +1,15 @@
+"""Training: configuration, losses, the three-stage trainer, checkpoints and metrics."""
+
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, state_dict_digest
+from .config import PRESETS, DMILConfig
+from .data import FeatureData, Split
+from .factory import METHODS, build_model
+from .losses import baseline_loss, dmil_loss
+from .metrics import prediction_metrics
+from .trainer import Trainer, seed_everything, stage_of_epoch, train
+
+__all__ = [
+    "DMILConfig", "PRESETS", "dmil_loss", "baseline_loss", "Trainer", "train", "stage_of_epoch",
+    "seed_everything", "FeatureData", "Split", "build_model", "METHODS", "save_checkpoint",
+    "load_checkpoint", "load_model", "state_dict_digest", "prediction_metrics",
+]

@@ -1,0 +1,43 @@
+"""Building the models of a training run (feature data: MLP encoders) from a config."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import nn
+
+from ..nn import DMILModel, EnsembleModel, JointModel, MLPEncoder
+from .config import DMILConfig
+
+METHODS = ("dmil", "joint", "ensemble")
+
+
+def build_encoders(dims: Tuple[int, int], config: DMILConfig) -> Tuple[Optional[nn.Module], Optional[nn.Module], int]:
+    """Per-modality MLP encoders (``encoder_depth`` layers, output ``input_size``) -> (enc_1, enc_2, input_size).
+
+    ``encoder_depth == 0`` uses no encoder: the features feed ``embed_v``/``embed_a`` directly,
+    which needs D1 == D2 (the official model has a single ``input_size``).
+    """
+    d1, d2 = dims
+    if config.encoder_depth == 0:
+        if d1 != d2:
+            raise ValueError(f"encoder_depth=0 needs equal feature dims, got modality_1 {d1} and modality_2 {d2}")
+        return None, None, d1
+    enc = [MLPEncoder(d, hidden=config.encoder_hidden, depth=config.encoder_depth, out_dim=config.input_size,
+                      dropout=config.encoder_dropout) for d in (d1, d2)]
+    return enc[0], enc[1], config.input_size
+
+
+def build_model(method: str, dims: Tuple[int, int], num_classes: int, config: DMILConfig, *,
+                backend: Optional[str] = None) -> nn.Module:
+    """``method`` in ("dmil", "joint", "ensemble") on features of widths ``dims`` = (D1, D2)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    enc_1, enc_2, input_size = build_encoders(dims, config)
+    if method == "dmil":
+        return DMILModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, stage=1,
+                         input_size=input_size, backend=backend)
+    if method == "joint":
+        return JointModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, input_size=input_size,
+                          fusion_hidden=config.joint_fusion_hidden)
+    return EnsembleModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, input_size=input_size)

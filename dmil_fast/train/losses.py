@@ -1,0 +1,114 @@
+"""Training objectives: DMIL's three stage losses (DESIGN section 1) and the baselines'."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import DMILConfig
+
+Tensor = torch.Tensor
+
+
+def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:
+    if key not in outputs:
+        raise KeyError(f"outputs has no {key!r}; pass the dict returned by DMILModel.forward of this stage")
+    first, second = outputs[key]
+    return first.sum(), second.sum()  # (1,) -> (), as the official trainer's torch.sum
+
+
+def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int,
+              config: DMILConfig) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The official trainer's objective of ``stage`` applied to the model's outputs.
+
+    The KL outputs (``loss_IB``, ``loss_red``, ``loss_uni``, ``loss_inter``) already carry the
+    model's factor 0.1, exactly as the official model returns them, and are used as they are
+    (each (1,) value summed to a scalar); reconstruction outputs likewise. CE is the mean
+    cross-entropy over the batch. With ``lam = config.lamb`` and ``b*`` the config's betas:
+
+    - stage 1: ``beta_cls (ce_v + ce_a) + lam (stage1_visual_beta_kl kl_v + stage1_audio_beta_kl kl_a
+      + 0.1 stage1_visual_beta_rec rec_v + 0.1 stage1_audio_beta_rec rec_a)``
+    - stage 2: ``beta_cls ce_out + lam (stage2_beta_red red + stage2_beta_inter (inter_1 + inter_2)
+      + stage2_beta_uni (uni_1 + uni_2) + 0.1 stage2_beta_rec_tr (rec_tr_1 + rec_tr_2))
+      + 0.5 (ce_synergy + ce_red + ce_unique_1 + ce_unique_2)``
+    - stage 3: ``beta_cls ce_out + stage3_beta_cls_stage1 (ce_v + ce_a)
+      + lam stage3_beta_kl_stage1 (kl_v + kl_a) + 0.05 lam stage3_beta_rec_stage1 (rec_v + rec_a)
+      + lam (stage3_beta_red red + stage3_beta_inter (inter_1 + inter_2) + stage3_beta_uni (uni_1 + uni_2)
+      + 0.05 stage3_beta_rec_tr (rec_tr_1 + rec_tr_2)) + 0.8 (ce_synergy + ce_red + ce_unique_1 + ce_unique_2)``
+
+    where ``ce_out``/``ce_v``/``ce_a``/``ce_synergy``/``ce_red``/``ce_unique_m`` are the CEs of
+    ``out``/``v_out``/``a_out``/``out_synergy``/``out_red``/``out_unique[m-1]``, ``kl_v, kl_a`` =
+    ``loss_IB``, ``rec_v, rec_a`` = ``loss_rec_input``, ``red`` = ``loss_red``, ``inter_m`` =
+    ``loss_inter``, ``uni_m`` = ``loss_uni``, ``rec_tr_m`` = ``loss_rec_tr``.
+
+    Args:
+        outputs: the dict of :class:`dmil_fast.nn.DMILModel` (or the official model) for ``stage``.
+        labels: (B,) int64 class indices.
+        stage: 1, 2 or 3.
+        config: the betas and ``lamb``.
+
+    Returns:
+        total: () the weighted sum above; parts: the unweighted terms named above, detached,
+        plus ``ce_out`` in every stage (it enters the total in stages 2 and 3 only).
+    """
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    c, lam = config, config.lamb
+    parts: Dict[str, Tensor] = {"ce_out": F.cross_entropy(outputs["out"], labels)}
+    if stage in (1, 3):
+        parts["ce_v"] = F.cross_entropy(outputs["v_out"], labels)
+        parts["ce_a"] = F.cross_entropy(outputs["a_out"], labels)
+        parts["kl_v"], parts["kl_a"] = _pair(outputs, "loss_IB")
+        parts["rec_v"], parts["rec_a"] = _pair(outputs, "loss_rec_input")
+    if stage in (2, 3):
+        parts["red"] = outputs["loss_red"].sum()
+        parts["inter_1"], parts["inter_2"] = _pair(outputs, "loss_inter")
+        parts["uni_1"], parts["uni_2"] = _pair(outputs, "loss_uni")
+        parts["rec_tr_1"], parts["rec_tr_2"] = _pair(outputs, "loss_rec_tr")
+        parts["ce_synergy"] = F.cross_entropy(outputs["out_synergy"], labels)
+        parts["ce_red"] = F.cross_entropy(outputs["out_red"], labels)
+        parts["ce_unique_1"] = F.cross_entropy(outputs["out_unique"][0], labels)
+        parts["ce_unique_2"] = F.cross_entropy(outputs["out_unique"][1], labels)
+    p = parts
+    if stage == 1:
+        total = c.beta_cls * (p["ce_v"] + p["ce_a"]) + lam * (
+            c.stage1_visual_beta_kl * p["kl_v"] + c.stage1_audio_beta_kl * p["kl_a"]
+            + 0.1 * c.stage1_visual_beta_rec * p["rec_v"] + 0.1 * c.stage1_audio_beta_rec * p["rec_a"])
+    else:
+        components = p["ce_synergy"] + p["ce_red"] + p["ce_unique_1"] + p["ce_unique_2"]
+        inter, uni, rec_tr = p["inter_1"] + p["inter_2"], p["uni_1"] + p["uni_2"], p["rec_tr_1"] + p["rec_tr_2"]
+        if stage == 2:
+            total = c.beta_cls * p["ce_out"] + lam * (
+                c.stage2_beta_red * p["red"] + c.stage2_beta_inter * inter + c.stage2_beta_uni * uni
+                + 0.1 * c.stage2_beta_rec_tr * rec_tr) + 0.5 * components
+        else:
+            total = (c.beta_cls * p["ce_out"] + c.stage3_beta_cls_stage1 * (p["ce_v"] + p["ce_a"])
+                     + lam * c.stage3_beta_kl_stage1 * (p["kl_v"] + p["kl_a"])
+                     + 0.05 * lam * c.stage3_beta_rec_stage1 * (p["rec_v"] + p["rec_a"])
+                     + lam * (c.stage3_beta_red * p["red"] + c.stage3_beta_inter * inter
+                              + c.stage3_beta_uni * uni + 0.05 * c.stage3_beta_rec_tr * rec_tr)
+                     + 0.8 * components)
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+def baseline_loss(outputs: Mapping[str, Tensor], labels: Tensor, *, method: str) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Objective of the baselines (:mod:`dmil_fast.nn.baselines`).
+
+    - ``"joint"``: ``ce_out + ce_v + ce_a``; ``v_out``/``a_out`` are linear probes on detached
+      embeddings, so their terms train the probes only.
+    - ``"ensemble"``: ``ce_v + ce_a``, i.e. each unimodal classifier on its own (the branches
+      share no parameter). ``out`` (log of averaged probabilities) is not trained.
+
+    Returns (total, parts) with parts ``ce_out``, ``ce_v``, ``ce_a`` detached.
+    """
+    if method not in ("joint", "ensemble"):
+        raise ValueError(f"method must be 'joint' or 'ensemble', got {method!r}")
+    parts = {"ce_out": F.cross_entropy(outputs["out"], labels),
+             "ce_v": F.cross_entropy(outputs["v_out"], labels),
+             "ce_a": F.cross_entropy(outputs["a_out"], labels)}
+    total = parts["ce_v"] + parts["ce_a"]
+    if method == "joint":
+        total = total + parts["ce_out"]
+    return total, {k: v.detach() for k, v in parts.items()}

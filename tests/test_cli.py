@@ -1,0 +1,134 @@
+"""The dmil-fast command end to end on tiny synthetic sets, and its error handling."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dmil_fast.cli import main
+from dmil_fast.data import make_synthetic
+
+METRIC_KEYS = ("test_accuracy", "per_class_accuracy", "per_type_accuracy", "syn", "final_train_loss",
+               "world_size", "seconds")
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
+    path.write_text("embed_size: 8\nencoder_hidden: 16\ninput_size: 16\njoint_fusion_hidden: 8\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data") / "syn", n=300, dim=8, num_classes=3, seed=1)
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("method", ["dmil", "joint", "ensemble"])
+def test_train_writes_metrics_and_checkpoints(tiny, small_config, tmp_path, method, capsys):
+    out = tmp_path / method
+    code = main(["train", "--data", str(tiny), "--method", method, "--epochs", "3", "--out", str(out),
+                 "--seed", "5", "--config", str(small_config), "--no-progress", "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert key in metrics, key
+    assert set(metrics["per_type_accuracy"]) == {"redundancy", "unique_1", "unique_2", "synergy"}
+    assert metrics["epochs"] == 3 and metrics["seed"] == 5 and metrics["preset"] == "features"
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "log.csv").is_file()
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_train_reads_a_config_file(tiny, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("embed_size: 8\nencoder_hidden: 16\nbatch_size: 32\n")
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(tiny), "--method", "dmil", "--epochs", "2", "--config", str(cfg),
+                 "--out", str(out), "--no-progress", "--quiet"]) == 0
+    saved = json.loads((out / "metrics.json").read_text())["config"]
+    assert (saved["embed_size"], saved["encoder_hidden"], saved["batch_size"]) == (8, 16, 32)
+
+
+def test_demo_tiny(tmp_path, capsys):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("embed_size: 8\nencoder_hidden: 16\ninput_size: 16\njoint_fusion_hidden: 8\n")
+    assert main(["demo", "--tiny", "--n", "600", "--epochs", "2", "--config", str(cfg), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for word in ("joint", "ensemble", "dmil", "overall", "synergy", "Syn."):
+        assert word in out
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert all((tmp_path / m / "metrics.json").is_file() for m in ("joint", "ensemble", "dmil"))
+
+
+def _bad(tiny, tmp_path, name, edit):
+    d = _copy(tiny, tmp_path / name)
+    edit(d)
+    return d
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "not found"),
+    ("lengths", "modality_2.npy"),
+    ("labels", "labels.npy"),
+    ("nan", "NaN"),
+    ("empty_split", "no samples"),
+    ("no_labels", "labels"),
+])
+def test_bad_data_is_reported_before_training(tiny, tmp_path, capsys, case, message):
+    edits = {
+        "lengths": lambda d: np.save(d / "modality_2.npy", np.load(d / "modality_2.npy")[:-5]),
+        "labels": lambda d: np.save(d / "labels.npy", np.load(d / "labels.npy") + 10),
+        "nan": lambda d: np.save(d / "modality_1.npy", np.where(np.arange(300)[:, None] == 7, np.nan,
+                                                                 np.load(d / "modality_1.npy")).astype(np.float32)),
+        "empty_split": lambda d: np.save(d / "split.npy", np.load(d / "split.npy") % 2),
+        "no_labels": lambda d: (d / "labels.npy").unlink(),
+    }
+    data = tmp_path / "absent" if case == "missing" else _bad(tiny, tmp_path, case, edits[case])
+    out = tmp_path / "out"
+    code = main(["train", "--data", str(data), "--method", "dmil", "--out", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (out / "log.csv").exists()  # nothing trained
+
+
+def test_bad_arguments(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tiny), "--method", "svm", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "svm" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path), "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("stage9_lr: 1\n")
+    assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "stage9_lr" in err and "bad.yaml" in err
+
+
+def test_score_reports_missing_data_as_an_error(tmp_path, capsys):
+    assert main(["score", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "dmil_fast", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    for command in ("train", "demo", "score", "info"):
+        assert command in result.stdout
+
+
+def test_info_calls_the_info_module(monkeypatch):
+    import dmil_fast.info
+
+    seen = []
+    monkeypatch.setattr(dmil_fast.info, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["info", "--json"]) == 0 and seen == [["--json"]]

@@ -1,0 +1,98 @@
+"""DMILConfig: published defaults, YAML loading with official names, presets, scaling."""
+
+import pytest
+
+from dmil_fast.train import DMILConfig
+
+OFFICIAL_METHOD_YAML = """\
+# @package methods
+method_name: DMIL
+lamb: 0.2
+stage1_epochs: 10
+stage2_epochs: 5
+stage1_lr: 4e-3
+stage2_lr: 1e-3
+stage3_lr: 1e-5
+beta_cls: 1.0
+stage1_visual_beta_kl: 0.4
+stage1_visual_beta_rec: 0.1
+stage1_audio_beta_kl: 2.0
+stage1_audio_beta_rec: 0.5
+stage2_beta_red: 1.0
+stage2_beta_inter: 1.0
+stage2_beta_uni: 1.0
+stage2_beta_rec_tr: 0.25
+stage2_beta_all: 0.5
+stage3_beta_kl_stage1: 1.0
+stage3_beta_rec_stage1: 0.3
+stage3_beta_cls_stage1: 0.5
+stage3_beta_red: 0.4
+stage3_beta_inter: 0.4
+stage3_beta_uni: 0.4
+stage3_beta_rec_tr: 0.1
+"""
+
+
+def test_defaults_are_the_published_configuration():
+    c = DMILConfig()
+    assert (c.n_epochs, c.batch_size, c.optimizer, c.momentum, c.weight_decay, c.random_seed) == (70, 64, "SGD", 0.9, 1e-4, 2024)
+    assert (c.stage1_epochs, c.stage1_lr, c.stage2_epochs, c.stage2_lr, c.stage3_lr) == (10, 4e-3, 5, 1e-3, 1e-5)
+    assert (c.lamb, c.beta_cls, c.stage1_visual_beta_kl, c.stage1_audio_beta_kl) == (0.2, 1.0, 0.4, 2.0)
+    assert (c.stage1_visual_beta_rec, c.stage1_audio_beta_rec, c.stage2_beta_rec_tr) == (0.1, 0.5, 0.25)
+    assert (c.stage3_beta_kl_stage1, c.stage3_beta_rec_stage1, c.stage3_beta_cls_stage1) == (1.0, 0.3, 0.5)
+    assert (c.stage3_beta_red, c.stage3_beta_inter, c.stage3_beta_uni, c.stage3_beta_rec_tr) == (0.4, 0.4, 0.4, 0.1)
+    assert c.seed == 2024 and c.preset == "published"
+
+
+def test_official_method_file_loads_with_yaml_1_1_exponents(tmp_path):
+    path = tmp_path / "DMIL.yaml"
+    path.write_text(OFFICIAL_METHOD_YAML.replace("stage3_lr: 1e-5", "stage3_lr: 2e-4"))
+    c = DMILConfig.from_yaml(path)
+    assert c.stage3_lr == 2e-4 and c.stage1_lr == 4e-3 and isinstance(c.stage1_epochs, int)
+    assert c == DMILConfig(stage3_lr=2e-4)
+
+
+def test_hydra_style_file_with_sections_interpolations_and_seed_alias(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("defaults:\n  - methods: DMIL\nn_classes: ${dataset.n_classes}\nbatch_size: 32\n"
+                    "seed: 7\nmethods:\n  stage2_epochs: 2\noptimizer:\n  _target_: torch.optim.Adam\n"
+                    "  lr: ${lr}\n  betas: [0.8, 0.9]\n  eps: 1e-08\nhydra:\n  run:\n    dir: x\n")
+    c = DMILConfig.from_yaml(path)
+    assert (c.batch_size, c.random_seed, c.stage2_epochs, c.optimizer, c.adam_betas, c.adam_eps) == (
+        32, 7, 2, "Adam", (0.8, 0.9), 1e-8)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lamb: 0.3\nstage4_lr: 0.1\n")
+    with pytest.raises(ValueError, match=r"stage4_lr.*bad\.yaml"):
+        DMILConfig.from_yaml(path)
+    path.write_text("batch_size: many\n")
+    with pytest.raises(ValueError, match="batch_size"):
+        DMILConfig.from_yaml(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        DMILConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_presets_and_validation():
+    f = DMILConfig.for_features()
+    assert f.preset == "features" and f.stage3_lr == 1e-2 and f.stage3_lr > DMILConfig().stage3_lr
+    assert f.lamb == DMILConfig().lamb  # loss weights stay published
+    assert DMILConfig.from_preset("features", random_seed=3).random_seed == 3
+    with pytest.raises(ValueError, match="preset"):
+        DMILConfig.from_preset("fast")
+    with pytest.raises(ValueError, match="n_epochs"):
+        DMILConfig(n_epochs=12, stage1_epochs=10, stage2_epochs=5)
+    with pytest.raises(ValueError, match="optimizer"):
+        DMILConfig(optimizer="LBFGS")
+
+
+def test_scaled_keeps_the_stage_proportions():
+    c = DMILConfig().scaled(14)  # 70 -> 14: stage 1 10 -> 2, stage 2 5 -> 1, stage 3 the rest
+    assert (c.n_epochs, c.stage1_epochs, c.stage2_epochs) == (14, 2, 1)
+    tiny = DMILConfig().scaled(3)
+    assert (tiny.stage1_epochs, tiny.stage2_epochs) == (1, 1)
+    one = DMILConfig().scaled(1)
+    assert (one.stage1_epochs, one.stage2_epochs) == (1, 0)
+    with pytest.raises(ValueError, match="epochs"):
+        DMILConfig().scaled(0)

@@ -1,0 +1,114 @@
+"""The three-stage schedule: stage per epoch, learning rate per stage, best checkpoint reloaded at
+each switch, outputs written; baselines in the same harness."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmil_fast.train import DMILConfig, FeatureData, Trainer, load_checkpoint, load_model, stage_of_epoch
+
+TINY = dict(embed_size=4, input_size=8, encoder_hidden=8, encoder_depth=1, batch_size=16,
+            stage1_lr=0.05, stage2_lr=0.02, stage3_lr=0.01, lr=0.03, joint_fusion_hidden=4)
+
+
+def _data(n=(48, 24, 24), d=6, c=3):
+    g = torch.Generator().manual_seed(0)
+    splits = []
+    for size in n:
+        y = torch.randint(0, c, (size,), generator=g)
+        x1 = torch.randn(size, d, generator=g) + y[:, None].float()
+        x2 = torch.randn(size, d, generator=g) - y[:, None].float()
+        splits.append((x1, x2, y, np.arange(size) % 4))
+    return FeatureData.from_tensors(*splits, num_classes=c,
+                                    type_names=["redundancy", "unique_1", "unique_2", "synergy"])
+
+
+def test_stage_of_epoch_follows_the_official_schedule():
+    c = DMILConfig()
+    stages = [stage_of_epoch(e, c) for e in range(1, 72)]
+    assert stages[:10] == [1] * 10 and stages[10:15] == [2] * 5 and stages[15:70] == [3] * 55
+    assert stages[70] is None
+    only1 = DMILConfig(stage2_epochs=0, n_epochs=12)
+    assert [stage_of_epoch(e, only1) for e in (10, 11)] == [1, None]
+
+
+class _PerturbingTrainer(Trainer):
+    """Corrupts the weights after the last epoch of each stage: the next stage must start from
+    the stage's best checkpoint, never from these weights."""
+
+    entered = []
+
+    def save_last(self):
+        super().save_last()
+        if self.stage_of(self.epoch + 1) != self.stage:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(1.0)
+
+    def enter_stage(self, stage):
+        super().enter_stage(stage)
+        self.entered.append((stage, {k: v.clone() for k, v in self.model.state_dict().items()},
+                             [g["lr"] for g in self.optimizer.param_groups]))
+
+
+def test_dmil_schedule_switches_stages_reloads_best_and_writes_outputs(tmp_path):
+    config = DMILConfig(n_epochs=5, stage1_epochs=2, stage2_epochs=1, **TINY)
+    trainer = _PerturbingTrainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None)
+    _PerturbingTrainer.entered = []
+    metrics = trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["stage"]) for r in rows] == [1, 1, 2, 3, 3]
+    assert [float(r["lr"]) for r in rows[:4]] == [0.05, 0.05, 0.02, 0.01]
+    assert [s for s, _, _ in _PerturbingTrainer.entered] == [1, 2, 3]
+    for stage, state, lrs in _PerturbingTrainer.entered[1:]:
+        best = load_checkpoint(tmp_path / "checkpoints" / f"best_stage{stage - 1}.pt")["state_dict"]
+        for k, v in best.items():
+            assert torch.equal(state[k], v), (stage, k)
+        assert set(lrs) == {config.stage_lr(stage)}
+    # stage 2 optimises only the trainable (stage-2) parameters
+    assert trainer.model.stage == 3
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test_accuracy", "per_class_accuracy", "per_type_accuracy", "syn", "final_train_loss",
+                "world_size", "seconds"):
+        assert key in saved and key in metrics
+    assert set(saved["per_type_accuracy"]) == {"redundancy", "unique_1", "unique_2", "synergy"}
+    assert saved["world_size"] == 1 and saved["epochs"] == 5
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["epoch"] == 5 and last["stage"] == 3
+    assert {"optimizer", "scheduler", "rng", "best_acc", "model"} <= set(last)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best_stage1.pt", "best_stage2.pt", "best_stage3.pt", "last.pt"]
+
+
+def test_stage2_optimizer_holds_only_trainable_parameters(tmp_path):
+    config = DMILConfig(n_epochs=3, stage1_epochs=1, stage2_epochs=1, **TINY)
+    trainer = Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None)
+    trainer.enter_stage(1)
+    trainer.enter_stage(2)
+    params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert params == trainable and len(params) < len(list(trainer.model.parameters()))
+
+
+@pytest.mark.parametrize("method", ["joint", "ensemble"])
+def test_baselines_run_in_the_same_harness(tmp_path, method):
+    config = DMILConfig(n_epochs=2, stage1_epochs=1, stage2_epochs=1, **TINY)
+    metrics = Trainer(_data(), config, method=method, out_dir=tmp_path, echo=None).fit()
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [float(r["lr"]) for r in rows] == [0.03, 0.03]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_load_model_rebuilds_the_trained_model(tmp_path):
+    data = _data()
+    config = DMILConfig(n_epochs=3, stage1_epochs=1, stage2_epochs=1, **TINY)
+    trainer = Trainer(data, config, method="dmil", out_dir=tmp_path, echo=None)
+    trainer.fit()
+    model = load_model(tmp_path / "checkpoints" / "best_stage3.pt")
+    assert not model.training and model.stage == 3
+    x1, x2 = data.test.x1[:5], data.test.x2[:5]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x1, x2)["out"], trainer.model.eval()(x1, x2)["out"])
