@@ -8,10 +8,11 @@ Every sample is one of four types, mixed in one dataset and never shown to the m
 - synergy: modality 1 encodes a, modality 2 encodes b with y = (a + b) mod C, a uniform, so each
   modality alone is independent of y.
 
-A symbol k is written into modality m as ``P_m[k] + noise * N(0, I)``, where the prototypes
-``P_m`` (C, dim) are random directions of norm :data:`PROTOTYPE_NORM` drawn per seed. Unrelated
-symbols are drawn from the class prior, so a "noise only" modality has the same distribution as an
-informative one and the type cannot be read off a single sample's norm or position.
+A symbol k is written into modality m as ``P_m[k] + noise * N(0, I)``. Each modality has 2C
+prototypes, random directions of norm :data:`PROTOTYPE_NORM` drawn per seed: rows [0, C) encode
+classes (redundant and unique samples), rows [C, 2C) encode the synergy operands a and b, so that
+the four types have distinguishable inputs and per-type accuracy measures what a model learned, not
+what the data allows. A modality that "carries noise only" is ``noise * N(0, I)`` with no prototype.
 """
 
 from __future__ import annotations
@@ -116,10 +117,12 @@ def make_synthetic(
     n, dim, num_classes = params["n"], params["dim"], params["num_classes"]
     rng = np.random.default_rng([params["seed"], 0])
 
-    # Prototypes: (2, C, dim), random directions of norm PROTOTYPE_NORM, one set per modality.
-    protos = rng.standard_normal((2, num_classes, dim))
+    # Prototypes: (2, 2C + 1, dim) per modality: C class symbols, C synergy operands (norm
+    # PROTOTYPE_NORM) and a last all-zero row for "noise only".
+    protos = rng.standard_normal((2, 2 * num_classes, dim))
     protos *= PROTOTYPE_NORM / np.linalg.norm(protos, axis=-1, keepdims=True)
-    protos = protos.astype(np.float32)
+    protos = np.concatenate([protos, np.zeros((2, 1, dim))], axis=1).astype(np.float32)
+    noise_only = 2 * num_classes
 
     prior = class_prior(num_classes, params["imbalance"])
     labels = rng.choice(num_classes, size=n, p=prior).astype(np.int64)
@@ -128,11 +131,10 @@ def make_synthetic(
     split = rng.permutation(np.repeat(np.array([0, 1, 2], dtype=np.int8), [n - n_val - n_test, n_val, n_test]))
 
     # Symbols written into each modality (see the module docstring).
-    unrelated = rng.choice(num_classes, size=(2, n), p=prior)
     first = rng.integers(0, num_classes, size=n)
-    sym1 = np.select([types <= 1, types == 2], [labels, unrelated[0]], default=first)
-    sym2 = np.select([(types == 0) | (types == 2), types == 1], [labels, unrelated[1]],
-                     default=(labels - first) % num_classes)
+    sym1 = np.select([types <= 1, types == 2], [labels, noise_only], default=num_classes + first)
+    sym2 = np.select([(types == 0) | (types == 2), types == 1], [labels, noise_only],
+                     default=num_classes + (labels - first) % num_classes)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
