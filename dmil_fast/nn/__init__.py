@@ -2,7 +2,7 @@
 
 from .baselines import EnsembleModel, JointModel
 from .bottleneck import VariationalBottleneck, grouped_sample
-from .dmil import KL_SCALE, STAGE1_MODULES, CrossModality, DMILModel, pool_encoder_output
+from .dmil import LEGACY_STATE_DICT_KEYS, STAGE1_MODULES, CrossModality, DMILModel, pool_encoder_output
 from .encoders import MLPEncoder
 
 __all__ = [
@@ -10,7 +10,7 @@ __all__ = [
     "grouped_sample",
     "DMILModel",
     "CrossModality",
-    "KL_SCALE",
+    "LEGACY_STATE_DICT_KEYS",
     "STAGE1_MODULES",
     "pool_encoder_output",
     "JointModel",

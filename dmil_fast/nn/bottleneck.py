@@ -11,7 +11,8 @@ from .. import ops
 
 
 class VariationalBottleneck(nn.Module):
-    """Drop-in for the official ``VariationalBottleneck``: ``fc = Linear(input_size, 2 * embed_size)``.
+    """Drop-in for the official ``VariationalBottleneck(input_size=512, embed_size=512)``:
+    ``fc = Linear(input_size, 2 * embed_size)``.
 
     Parameters (state_dict keys): ``fc.weight`` (2E, D), ``fc.bias`` (2E,), identical to the
     official module, so checkpoints load both ways with ``strict=True``.
@@ -19,26 +20,26 @@ class VariationalBottleneck(nn.Module):
     Args:
         input_size: D, width of the input.
         embed_size: E, width of the latent.
-        lamb: kept for compatibility with the official constructor
-            ``VariationalBottleneck(lamb=0.1, input_size=..., embed_size=...)``. It is a plain
-            attribute (not in the state_dict) and, as in the official model, it does not scale
-            anything computed here. Keyword-only: the official positional form
-            ``VariationalBottleneck(0.1, 512, 512)`` is not accepted (it would read 0.1 as the
-            input size); ``VariationalBottleneck(512, 512)`` is.
+        lamb: ignored. Older revisions of the official code took ``lamb`` (a KL factor that the
+            module itself never applied); it is still accepted as a keyword, so
+            ``VariationalBottleneck(lamb=0.1, input_size=..., embed_size=...)`` call sites keep
+            working, and it changes nothing. The KL is always unweighted: loss weights belong to
+            the training objective (:func:`dmil_fast.train.dmil_loss`). The old positional form
+            ``VariationalBottleneck(0.1, 512, 512)`` is refused (it would read 0.1 as the input size).
 
     ``forward(x)`` returns ``(mu, logvar)``, each (B, E), like the official module.
     ``sample(x)`` runs the fused op and returns ``(z, mu, logvar, kl)``.
     """
 
-    def __init__(self, input_size: int = 512, embed_size: int = 512, *, lamb: float = 0.1,
+    def __init__(self, input_size: int = 512, embed_size: int = 512, *, lamb: Optional[float] = None,
                  device=None, dtype=None):
         super().__init__()
+        del lamb  # accepted for old call sites only (see the class docstring)
         for name, value in (("input_size", input_size), ("embed_size", embed_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.input_size = input_size
         self.embed_size = embed_size
-        self.lamb = lamb
         self.fc = nn.Linear(input_size, 2 * embed_size, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
@@ -46,7 +47,7 @@ class VariationalBottleneck(nn.Module):
         self.fc.reset_parameters()
 
     def extra_repr(self) -> str:
-        return f"input_size={self.input_size}, embed_size={self.embed_size}, lamb={self.lamb}"
+        return f"input_size={self.input_size}, embed_size={self.embed_size}"
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: (B, D) -> mu: (B, E), logvar: (B, E) (views of one (B, 2E) projection)."""
@@ -66,7 +67,7 @@ class VariationalBottleneck(nn.Module):
             backend: forwarded to :func:`dmil_fast.ops.variational_bottleneck`.
 
         Returns:
-            z, mu, logvar: (B, E); kl: () the mean over (B, E) of KL(q || N(0, I)), not scaled.
+            z, mu, logvar: (B, E); kl: () the mean over (B, E) of KL(q || N(0, I)), unweighted.
 
         Equivalent PyTorch::
 
@@ -105,7 +106,7 @@ def grouped_sample(x: torch.Tensor, heads, *, sample: bool, seed: Optional[int] 
         x: (B, D); heads: sequence of G VariationalBottleneck with equal sizes.
 
     Returns:
-        z, mu, logvar: (B, G, E); kl: (G,) each head's mean KL to N(0, I), not scaled.
+        z, mu, logvar: (B, G, E); kl: (G,) each head's mean KL to N(0, I), unweighted.
     """
     _check_heads(heads)
     weight = torch.cat([h.fc.weight for h in heads], dim=0)  # (G*2E, D)

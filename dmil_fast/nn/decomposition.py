@@ -7,12 +7,13 @@ Two executions of the same computation:
   weights concatenated on the fly). Noise comes from the op's own generator.
 - plain PyTorch (``reference=True``): one ``F.linear`` per head and ``torch.randn_like`` draws
   in the order of the official model, so a run with the same torch seed reproduces it draw for
-  draw: stage 1 samples (m1 tr, m1 ir, m2 tr, m2 ir); stages 2 and 3 sample (m1 tr, m2 tr,
-  m1 ir, m2 ir); the second level draws for the redundancy, unique-1 and unique-2 heads and then
-  two more (B, E) draws that the official alignment terms make and discard.
+  draw. First level (:data:`DRAW_ORDERS`): stage 1 draws (m1 tr, m1 ir, m2 tr, m2 ir); stage 2
+  reads the tr means and draws (m1 ir, m2 ir) only; stage 3 draws (m1 tr, m2 tr, m1 ir, m2 ir).
+  Second level: the redundancy, unique-1 and unique-2 heads, then two more (B, E) draws that the
+  official alignment terms make and discard.
 
-KL values returned here are the *unscaled* mean KL of DESIGN section 1; the model applies the
-official 0.1 factor.
+Every KL returned here is the unweighted mean KL of DESIGN section 1 (the official model returns
+them so too); the weights are applied by the training objective.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class HeadPair(NamedTuple):
     """The task-relevant (tr) and task-irrelevant (ir) heads of one modality.
 
     z_*, mu_*, logvar_*: (B, E) (views into the fused result, or the plain-PyTorch tensors with
-    the official memory layout); z_cat: (B, 2E) = [z_tr, z_ir]; kl: (2,) unscaled (tr, ir).
+    the official memory layout); z_cat: (B, 2E) = [z_tr, z_ir]; kl: (2,) unweighted (tr, ir).
     """
 
     z_tr: Tensor
@@ -67,8 +68,13 @@ def torch_sample(mu: Tensor, logvar: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- first level
 
+#: First-level draw orders: ``"per_modality"`` (stage 1), ``"ir_only"`` (stage 2: z_tr = mu_tr),
+#: ``"tr_then_ir"`` (stage 3).
+DRAW_ORDERS = ("per_modality", "ir_only", "tr_then_ir")
+
+
 def first_level(pairs: Sequence[Tuple[Tensor, Tuple[VariationalBottleneck, VariationalBottleneck]]], *,
-                sample: bool, reference: bool, interleaved: bool,
+                sample: bool, reference: bool, draw: str,
                 backend: Optional[str] = None) -> List[HeadPair]:
     """Task-relevant / task-irrelevant heads of each modality.
 
@@ -76,27 +82,36 @@ def first_level(pairs: Sequence[Tuple[Tensor, Tuple[VariationalBottleneck, Varia
         pairs: per modality ``(e_m, (IB_m_tr, IB_m_ir))`` with e_m: (B, E).
         sample: draw z (training) or z = mu (eval).
         reference: plain PyTorch with the official draw order (see the module docstring).
-        interleaved: the draw order of stages 2 and 3 (all tr heads, then all ir heads) instead
-            of stage 1's (tr, ir of modality 1, then of modality 2). Only matters if ``reference``.
+        draw: one of :data:`DRAW_ORDERS`. ``"ir_only"`` returns z_tr = mu_tr even when sampling
+            (stage 2 reads only the means of the tr heads); the other two sample both heads and
+            differ in the order of the draws, which only matters if ``reference``.
 
     Returns:
         one :class:`HeadPair` per modality.
     """
+    if draw not in DRAW_ORDERS:
+        raise ValueError(f"draw must be one of {DRAW_ORDERS}, got {draw!r}")
+    sample_tr = sample and draw != "ir_only"
     if not reference:
         out = []
         for x, heads in pairs:
             z, mu, _, kl = grouped_sample(x, heads, sample=sample, backend=backend)  # (B, 2, E) ...
-            out.append(HeadPair(z[:, 0], z[:, 1], mu[:, 0], mu[:, 1], z.reshape(z.shape[0], -1), kl))
+            z_tr = z[:, 0] if sample_tr else mu[:, 0]
+            z_cat = z.reshape(z.shape[0], -1) if sample_tr else torch.cat((z_tr, z[:, 1]), dim=1)  # (B, 2E)
+            out.append(HeadPair(z_tr, z[:, 1], mu[:, 0], mu[:, 1], z_cat, kl))
         return out
     projected = [[torch_project(x, head) for head in heads] for x, heads in pairs]
-    zs: Dict[Tuple[int, int], Tensor] = {}
-    if interleaved:
-        order = [(m, h) for h in range(2) for m in range(len(pairs))]
+    modalities = range(len(pairs))
+    if draw == "per_modality":
+        order = [(m, h) for m in modalities for h in range(2)]
+    elif draw == "tr_then_ir":
+        order = [(m, h) for h in range(2) for m in modalities]
     else:
-        order = [(m, h) for m in range(len(pairs)) for h in range(2)]
-    for m, h in order:
-        mu, lv = projected[m][h]
-        zs[(m, h)] = torch_sample(mu, lv) if sample else mu
+        order = [(m, 1) for m in modalities]
+    zs: Dict[Tuple[int, int], Tensor] = {(m, h): projected[m][h][0] for m in modalities for h in range(2)}
+    if sample:
+        for m, h in order:
+            zs[(m, h)] = torch_sample(*projected[m][h])
     out = []
     for m, ((mu_tr, lv_tr), (mu_ir, lv_ir)) in enumerate(projected):
         z_tr, z_ir = zs[(m, 0)], zs[(m, 1)]
@@ -108,7 +123,7 @@ def first_level(pairs: Sequence[Tuple[Tensor, Tuple[VariationalBottleneck, Varia
 # ---------------------------------------------------------------- second level
 
 class SecondLevelHeads(NamedTuple):
-    """Second-level Gaussians. z_*, mu_*, logvar_*: (B, E); kl_*: () unscaled."""
+    """Second-level Gaussians. z_*, mu_*, logvar_*: (B, E); kl_*: () unweighted."""
 
     z_red: Tensor
     mu_red: Tensor
@@ -158,7 +173,7 @@ def second_level(model, mu_tr1: Tensor, mu_tr2: Tensor, *, sample: bool, referen
 
 
 def align_kl(heads: SecondLevelHeads, m: int, *, reference: bool, backend: Optional[str] = None) -> Tensor:
-    """KL(q(R | M1, M2) || q(R | M_m)), unscaled, shape ()."""
+    """KL(q(R | M1, M2) || q(R | M_m)), unweighted, shape ()."""
     p_mu, p_lv = (heads.mu_r1, heads.logvar_r1) if m == 1 else (heads.mu_r2, heads.logvar_r2)
     if reference:
         return torch_kl(heads.mu_red, heads.logvar_red, p_mu, p_lv)

@@ -14,9 +14,11 @@ from .decomposition import align_kl, first_level, recon_loss, second_level
 
 Tensor = torch.Tensor
 
-#: The official model multiplies every KL it returns by this factor (its ``get_loss`` default
-#: ``lamb=0.1``); the outputs ``loss_IB``, ``loss_red``, ``loss_uni``, ``loss_inter`` carry it.
-KL_SCALE = 0.1
+#: Keys of the three classifiers ``clf_audio_fc``, ``clf_visual_fc``, ``clf_joint_fc`` that older
+#: revisions of the official model built and never used. ``DMILModel.load_state_dict`` drops exactly
+#: these keys, so old checkpoints load with ``strict=True``; no other key is touched.
+LEGACY_STATE_DICT_KEYS = tuple(f"clf_{name}_fc.{p}" for name in ("audio", "visual", "joint")
+                               for p in ("weight", "bias"))
 
 #: Modules that stage 2 freezes (requires_grad False and eval mode), in the official order.
 STAGE1_MODULES = ("visual_net", "audio_net", "embed_v", "embed_a", "IB_m1_tr", "IB_m1_ir", "IB_m2_tr",
@@ -26,14 +28,31 @@ TRAIN_MODALITIES = ("both", "visual", "audio")
 
 
 class CrossModality(nn.Module):
-    """Synergy latent: ``fc_out`` = Linear(3E, E) on [x1, x2, x1 * x2] (x1, x2: (B, E))."""
+    """Synergy latent from [x1, x2, x1 * x2] (x1, x2: (B, E)) -> (B, E).
 
-    def __init__(self, embed_size: int, *, device=None, dtype=None):
+    ``hidden == 0`` (the default) is the official module: ``fc_out`` = Linear(3E, E). ``hidden > 0``
+    is an optional larger module, not the published architecture: ``fc_hidden`` = Linear(3E, H),
+    ReLU, ``fc_out`` = Linear(H, E) (its state_dict adds ``fc_hidden.*`` and ``fc_out.weight`` is
+    (E, H)).
+    """
+
+    def __init__(self, embed_size: int, *, hidden: int = 0, device=None, dtype=None):
         super().__init__()
-        self.fc_out = nn.Linear(3 * embed_size, embed_size, device=device, dtype=dtype)
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+            raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
+        self.embed_size, self.hidden = embed_size, hidden
+        if hidden:
+            self.fc_hidden = nn.Linear(3 * embed_size, hidden, device=device, dtype=dtype)
+        self.fc_out = nn.Linear(hidden or 3 * embed_size, embed_size, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"embed_size={self.embed_size}, hidden={self.hidden}"
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        return self.fc_out(torch.cat((x1, x2, x1 * x2), dim=1))  # (B, 3E) -> (B, E)
+        h = torch.cat((x1, x2, x1 * x2), dim=1)  # (B, 3E)
+        if self.hidden:
+            h = F.relu(self.fc_hidden(h))  # (B, H)
+        return self.fc_out(h)  # (B, E)
 
 
 def _recon_net(embed_size: int) -> nn.Sequential:
@@ -68,16 +87,25 @@ class DMILModel(nn.Module):
     ``forward(visual, audio, train_modality='both')`` and output keys:
 
     - stage 1: ``v_out``, ``a_out`` (B, C) logits of z_tr; ``out`` = their mean;
-      ``loss_IB`` (v, a) = 0.1 (KL_tr + KL_ir) per modality; ``loss_rec_input`` (v, a).
+      ``loss_IB`` (v, a) = KL_tr + KL_ir per modality; ``loss_rec_input`` (v, a).
     - stages 2 and 3: ``out`` (gated), ``out_synergy``, ``out_red``, ``out_unique`` (1, 2),
       ``loss_inter`` (1, 2), ``loss_rec_tr`` (1, 2), ``loss_uni`` (1, 2), ``loss_red``,
       ``gate_weights`` (B, 4) in the order (U1, U2, R, S), ``v_out``, ``a_out`` (stage 2: the
       classifiers on the means mu_tr; stage 3: on the samples z_tr); stage 3 also ``loss_IB``
       and ``loss_rec_input``.
 
-    Every loss value is a (1,) tensor and every KL carries the official factor 0.1 (``KL_SCALE``).
-    (A later revision of the official code drops that factor and the unused ``clf_*`` layers;
-    its state_dicts load here with ``strict=False``, which leaves only the ``clf_*`` keys missing.)
+    Every loss value is a (1,) tensor. Every KL is unweighted (the mean KL of DESIGN section 1),
+    as the official model returns it; all weighting lives in the objective
+    (:func:`dmil_fast.train.dmil_loss`).
+
+    Older checkpoints: revisions of the official model before the current one also built three
+    unused classifiers ``clf_audio_fc``, ``clf_visual_fc`` and ``clf_joint_fc``. Their keys
+    (:data:`LEGACY_STATE_DICT_KEYS`) are dropped on load, so such a state_dict loads here with
+    ``strict=True`` too (also when this model is a submodule); any other unexpected key is still an
+    error. A state_dict of this model lacks those keys, so it loads into such an older official
+    model only with ``strict=False``. Those revisions also scaled every KL output by 0.1 and
+    paired it with ``lamb: 0.2`` in their config; the current config ``lamb: 0.02`` gives the same
+    objective with the unweighted KLs (see :class:`dmil_fast.train.DMILConfig`).
 
     Args:
         video_model, audio_model: encoders returning (B, input_size) features or
@@ -89,15 +117,19 @@ class DMILModel(nn.Module):
             drawing eps with ``torch.randn_like`` in the official order, so with the same torch
             seed (and weights) it reproduces the official model; any other name of
             ``dmil_fast.ops.BACKENDS`` is forwarded to the ops.
+        synergy_hidden: 0 (default) builds the published synergy module ``cross_modality``
+            (Linear(3E, E)); H > 0 an optional larger one with a hidden layer of width H (see
+            :class:`CrossModality`; its state_dict then differs from the official one).
 
     Differences from the official code: nothing is printed; ``train()`` keeps the stage-1
     modules in eval mode while ``stage == 2``; leaving stage 2 through ``configure_stage`` puts
-    them back in the model's current mode; the constructor validates ``stage`` and applies it.
+    them back in the model's current mode; the constructor validates ``stage`` and applies it;
+    pooled (B, D) encoder outputs are accepted besides 4-D maps.
     """
 
     def __init__(self, video_model: Optional[nn.Module], audio_model: Optional[nn.Module],
                  embed_size: int = 512, num_class: int = 101, method=None, stage: int = 1,
-                 input_size: int = 512, *, backend: Optional[str] = None):
+                 input_size: int = 512, *, backend: Optional[str] = None, synergy_hidden: int = 0):
         super().__init__()
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
@@ -106,6 +138,8 @@ class DMILModel(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_size < 2:
             raise ValueError(f"embed_size must be at least 2 (the reconstruction MLPs use E // 2), got {embed_size}")
+        if isinstance(synergy_hidden, bool) or not isinstance(synergy_hidden, int) or synergy_hidden < 0:
+            raise ValueError(f"synergy_hidden must be an int >= 0, got {synergy_hidden!r}")
         E = embed_size
         self.backend = backend
         self.method_name = getattr(method, "method_name", None)
@@ -115,12 +149,10 @@ class DMILModel(nn.Module):
         self.embed_size = E
         self.num_class = num_class
         self.input_size = input_size
+        self.synergy_hidden = synergy_hidden
         self.stage = None  # set by configure_stage below
         self.embed_v = nn.Linear(input_size, E)
         self.embed_a = nn.Linear(input_size, E)
-        self.clf_audio_fc = nn.Linear(E, num_class)  # unused, kept for state_dict compatibility
-        self.clf_visual_fc = nn.Linear(E, num_class)  # unused
-        self.clf_joint_fc = nn.Linear(2 * E, num_class)  # unused
         self.IB_m1_tr = VariationalBottleneck(E, E)
         self.IB_m1_ir = VariationalBottleneck(E, E)
         self.IB_m2_tr = VariationalBottleneck(E, E)
@@ -130,7 +162,7 @@ class DMILModel(nn.Module):
         self.IB_m2_r = VariationalBottleneck(E, E)
         self.IB_m1_unique = VariationalBottleneck(E, E)
         self.IB_m2_unique = VariationalBottleneck(E, E)
-        self.cross_modality = CrossModality(E)
+        self.cross_modality = CrossModality(E, hidden=synergy_hidden)
         self.recon_1 = _recon_net(E)
         self.recon_2 = _recon_net(E)
         self.recon_tr_1 = _recon_net(E)
@@ -147,7 +179,16 @@ class DMILModel(nn.Module):
     # ------------------------------------------------------------ stage control
 
     def extra_repr(self) -> str:
-        return f"embed_size={self.embed_size}, num_class={self.num_class}, stage={self.stage}, backend={self.backend}"
+        return (f"embed_size={self.embed_size}, num_class={self.num_class}, stage={self.stage}, "
+                f"backend={self.backend}, synergy_hidden={self.synergy_hidden}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # ``state_dict`` is load_state_dict's own copy: popping here leaves the caller's dict intact.
+        for key in LEGACY_STATE_DICT_KEYS:
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _stage1_modules(self):
         return [getattr(self, name) for name in STAGE1_MODULES]
@@ -219,8 +260,8 @@ class DMILModel(nn.Module):
             return self._stage3(e1, e2)
         raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
 
-    def _first_level(self, pairs, *, interleaved: bool):
-        return first_level(pairs, sample=self.training, reference=self._reference, interleaved=interleaved,
+    def _first_level(self, pairs, *, draw: str):
+        return first_level(pairs, sample=self.training, reference=self._reference, draw=draw,
                            backend=self._op_backend)
 
     def _stage1(self, e1: Tensor, e2: Tensor, train_modality: str) -> Dict[str, object]:
@@ -229,11 +270,11 @@ class DMILModel(nn.Module):
             branches.append((e1, (self.IB_m1_tr, self.IB_m1_ir), self.recon_1, self.tr1_fc))
         if train_modality in ("both", "audio"):
             branches.append((e2, (self.IB_m2_tr, self.IB_m2_ir), self.recon_2, self.tr2_fc))
-        pairs = self._first_level([(x, heads) for x, heads, _, _ in branches], interleaved=False)
+        pairs = self._first_level([(x, heads) for x, heads, _, _ in branches], draw="per_modality")
         results = []
         for (x, _, recon, clf), hp in zip(branches, pairs):
             rec = recon(hp.z_cat)  # [z_tr, z_ir]: (B, 2E) -> (B, E)
-            kl = KL_SCALE * hp.kl[0].reshape(1) + KL_SCALE * hp.kl[1].reshape(1)
+            kl = hp.kl[0].reshape(1) + hp.kl[1].reshape(1)
             results.append((clf(hp.z_tr), kl, recon_loss(x, rec, reference=self._reference)))
         if train_modality == "both":
             (v_out, kl_v, rec_v), (a_out, kl_a, rec_a) = results
@@ -247,7 +288,7 @@ class DMILModel(nn.Module):
     def _stage2(self, e1: Tensor, e2: Tensor) -> Dict[str, object]:
         with torch.no_grad():  # stage-1 modules are frozen: no graph through them
             m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
-                                        (e2, (self.IB_m2_tr, self.IB_m2_ir))], interleaved=True)
+                                        (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="ir_only")
         mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
         outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir)
         outputs["v_out"] = self.tr1_fc(mu_tr1)
@@ -256,7 +297,7 @@ class DMILModel(nn.Module):
 
     def _stage3(self, e1: Tensor, e2: Tensor) -> Dict[str, object]:
         m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
-                                    (e2, (self.IB_m2_tr, self.IB_m2_ir))], interleaved=True)
+                                    (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="tr_then_ir")
         rec_1 = self.recon_1(m1.z_cat)  # [z_tr1, z_ir1]: (B, 2E) -> (B, E)
         rec_2 = self.recon_2(m2.z_cat)
         outputs = self._second_level(m1.mu_tr, m2.mu_tr, m1.z_ir, m2.z_ir)
@@ -264,8 +305,7 @@ class DMILModel(nn.Module):
         outputs.update({
             "v_out": self.tr1_fc(m1.z_tr),
             "a_out": self.tr2_fc(m2.z_tr),
-            "loss_IB": (KL_SCALE * m1.kl[0].reshape(1) + KL_SCALE * m1.kl[1].reshape(1),
-                        KL_SCALE * m2.kl[0].reshape(1) + KL_SCALE * m2.kl[1].reshape(1)),
+            "loss_IB": (m1.kl[0].reshape(1) + m1.kl[1].reshape(1), m2.kl[0].reshape(1) + m2.kl[1].reshape(1)),
             "loss_rec_input": (recon_loss(e1, rec_1, reference=ref), recon_loss(e2, rec_2, reference=ref)),
         })
         return outputs
@@ -289,11 +329,11 @@ class DMILModel(nn.Module):
             "out_synergy": out_synergy,
             "out_red": out_red,
             "out_unique": (out_unique_1, out_unique_2),
-            "loss_inter": (KL_SCALE * align_kl(h, 1, reference=ref, backend=backend).reshape(1),
-                           KL_SCALE * align_kl(h, 2, reference=ref, backend=backend).reshape(1)),
+            "loss_inter": (align_kl(h, 1, reference=ref, backend=backend).reshape(1),
+                           align_kl(h, 2, reference=ref, backend=backend).reshape(1)),
             "loss_rec_tr": (recon_loss(mu_tr1, rec_tr_1, reference=ref), recon_loss(mu_tr2, rec_tr_2, reference=ref)),
-            "loss_uni": (KL_SCALE * h.kl_unique_1.reshape(1), KL_SCALE * h.kl_unique_2.reshape(1)),
-            "loss_red": KL_SCALE * h.kl_red.reshape(1),
+            "loss_uni": (h.kl_unique_1.reshape(1), h.kl_unique_2.reshape(1)),
+            "loss_red": h.kl_red.reshape(1),
             "gate_weights": gate,
         }
 

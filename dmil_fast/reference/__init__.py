@@ -1,4 +1,5 @@
-"""Pure-PyTorch oracles of every op: the CPU fallback and the test oracle.
+"""Pure-PyTorch oracles of every op (the CPU fallback and the test oracle) and of the DMIL model
+(:class:`ReferenceDMILModel`, the oracle of ``dmil_fast.nn.DMILModel``).
 
 Nothing here imports the kernels it checks.
 """
@@ -10,6 +11,7 @@ from .gaussian import (
     variational_bottleneck_ref,
 )
 from .interactions import adjust_interactions_ref, interaction_scores_ref
+from .model import ReferenceDMILModel
 
 __all__ = [
     "gaussian_sample_ref",
@@ -18,4 +20,5 @@ __all__ = [
     "variational_bottleneck_grouped_ref",
     "interaction_scores_ref",
     "adjust_interactions_ref",
+    "ReferenceDMILModel",
 ]

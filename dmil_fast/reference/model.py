@@ -1,12 +1,15 @@
-"""Pure-PyTorch DMIL model written from the published semantics (DESIGN section 1): the test oracle
-of :class:`dmil_fast.nn.DMILModel`.
+"""Pure-PyTorch DMIL model written from the published semantics (DESIGN section 1) of the current
+official revision: the test oracle of :class:`dmil_fast.nn.DMILModel`.
 
 Plain torch operations only, module by module as the method is described: every Gaussian head
-is evaluated on its own, every KL is the mean of the elementwise diagonal-Gaussian KL scaled by
-0.1 as the official model returns it, every sample draws ``torch.randn_like`` in the official
-order. Submodule and parameter names are those of the official model, so state_dicts move
-between this model, the official one and ``dmil_fast.nn.DMILModel`` with ``strict=True``.
-Nothing here is written for speed.
+is evaluated on its own, every KL is the unweighted mean of the elementwise diagonal-Gaussian KL
+(as the official model returns it; the objective weights it), every sample draws
+``torch.randn_like`` in the official order. That order: stage 1 samples (m1 tr, m1 ir, m2 tr,
+m2 ir); stage 2 reads the tr means and samples (m1 ir, m2 ir); stage 3 samples (m1 tr, m2 tr,
+m1 ir, m2 ir); then the second level samples the redundancy, unique-1 and unique-2 latents and
+makes one discarded draw for each of the two alignment KLs. Submodule and parameter names are
+those of the official model, so state_dicts move between this model, the official one and
+``dmil_fast.nn.DMILModel`` with ``strict=True``. Nothing here is written for speed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor
-OFFICIAL_KL_FACTOR = 0.1
 
 
 class GaussianHead(nn.Module):
@@ -87,9 +89,6 @@ class ReferenceDMILModel(nn.Module):
         self.stage = stage
         self.embed_v = nn.Linear(input_size, E)
         self.embed_a = nn.Linear(input_size, E)
-        self.clf_audio_fc = nn.Linear(E, num_class)
-        self.clf_visual_fc = nn.Linear(E, num_class)
-        self.clf_joint_fc = nn.Linear(2 * E, num_class)
         self.IB_m1_tr = GaussianHead(E, E)
         self.IB_m1_ir = GaussianHead(E, E)
         self.IB_m2_tr = GaussianHead(E, E)
@@ -125,8 +124,8 @@ class ReferenceDMILModel(nn.Module):
                 module.eval()
 
     def latent(self, mean: Tensor, log_var: Tensor, p_mean=0.0, p_log_var=0.0) -> Tuple[Tensor, Tensor]:
-        """(sample in training mode, else the mean) and 0.1 * KL(q || p) as a (1,) tensor."""
-        kl = OFFICIAL_KL_FACTOR * gaussian_kl(mean, log_var, p_mean, p_log_var).unsqueeze(0)
+        """(sample in training mode, else the mean) and the unweighted KL(q || p) as a (1,) tensor."""
+        kl = gaussian_kl(mean, log_var, p_mean, p_log_var).unsqueeze(0)
         if self.training:
             return mean + torch.exp(log_var / 2) * torch.randn_like(mean), kl
         return mean, kl
@@ -170,11 +169,14 @@ class ReferenceDMILModel(nn.Module):
         return p, z, kl
 
     def _consistency(self, v, a):
-        with torch.no_grad():
-            p, z, _ = self._first_level_all(v, a)
-        out = self._decompose(p["tr1"][0], p["tr2"][0], z["ir1"], z["ir2"])
-        out["v_out"] = self.tr1_fc(p["tr1"][0])
-        out["a_out"] = self.tr2_fc(p["tr2"][0])
+        with torch.no_grad():  # frozen first level: tr means only, ir samples
+            tr1_mean, _ = self.IB_m1_tr(v)
+            tr2_mean, _ = self.IB_m2_tr(a)
+            ir1, _ = self.latent(*self.IB_m1_ir(v))
+            ir2, _ = self.latent(*self.IB_m2_ir(a))
+        out = self._decompose(tr1_mean, tr2_mean, ir1, ir2)
+        out["v_out"] = self.tr1_fc(tr1_mean)
+        out["a_out"] = self.tr2_fc(tr2_mean)
         return out
 
     def _joint(self, v, a):

@@ -21,7 +21,9 @@ def build_encoders(dims: Tuple[int, int], config: DMILConfig) -> Tuple[Optional[
     d1, d2 = dims
     if config.encoder_depth == 0:
         if d1 != d2:
-            raise ValueError(f"encoder_depth=0 needs equal feature dims, got modality_1 {d1} and modality_2 {d2}")
+            raise ValueError(f"encoder_depth=0 (identity encoders, the features preset) needs equal feature dims, "
+                             f"got modality_1 {d1} and modality_2 {d2}; set encoder_depth >= 1 for MLP encoders "
+                             f"that map both to input_size")
         return None, None, d1
     enc = [MLPEncoder(d, hidden=config.encoder_hidden, depth=config.encoder_depth, out_dim=config.input_size,
                       dropout=config.encoder_dropout) for d in (d1, d2)]
@@ -36,7 +38,7 @@ def build_model(method: str, dims: Tuple[int, int], num_classes: int, config: DM
     enc_1, enc_2, input_size = build_encoders(dims, config)
     if method == "dmil":
         return DMILModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, stage=1,
-                         input_size=input_size, backend=backend)
+                         input_size=input_size, backend=backend, synergy_hidden=config.synergy_hidden)
     if method == "joint":
         return JointModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, input_size=input_size,
                           fusion_hidden=config.joint_fusion_hidden)

@@ -21,12 +21,13 @@ def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:
 
 def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int,
               config: DMILConfig) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """The official trainer's objective of ``stage`` applied to the model's outputs.
+    """The official trainer's objective of ``stage`` (DESIGN section 1) applied to the model's outputs.
 
-    The KL outputs (``loss_IB``, ``loss_red``, ``loss_uni``, ``loss_inter``) already carry the
-    model's factor 0.1, exactly as the official model returns them, and are used as they are
-    (each (1,) value summed to a scalar); reconstruction outputs likewise. CE is the mean
-    cross-entropy over the batch. With ``lam = config.lamb`` and ``b*`` the config's betas:
+    The KL outputs (``loss_IB``, ``loss_red``, ``loss_uni``, ``loss_inter``) are the unweighted
+    mean KLs, as the current official model returns them; every weight is applied here (each (1,)
+    value is summed to a scalar, as the official trainer's ``torch.sum`` does); reconstruction
+    outputs likewise. CE is the mean cross-entropy over the batch. With ``lam = config.lamb``
+    (0.02 in the published configuration) and the config's betas:
 
     - stage 1: ``beta_cls (ce_v + ce_a) + lam (stage1_visual_beta_kl kl_v + stage1_audio_beta_kl kl_a
       + 0.1 stage1_visual_beta_rec rec_v + 0.1 stage1_audio_beta_rec rec_a)``

@@ -8,12 +8,20 @@ from dmil_fast.nn import grouped_sample
 
 
 def test_official_call_forms_and_parameters():
-    official = dm.VariationalBottleneck(lamb=0.1, input_size=6, embed_size=3)
+    official = dm.VariationalBottleneck(input_size=6, embed_size=3)
     positional = dm.VariationalBottleneck(6, 3)
-    for vb in (official, positional):
+    old_call_site = dm.VariationalBottleneck(lamb=0.1, input_size=6, embed_size=3)  # lamb: accepted, ignored
+    for vb in (official, positional, old_call_site):
         assert {k: tuple(v.shape) for k, v in vb.state_dict().items()} == {"fc.weight": (6, 6), "fc.bias": (6,)}
-    assert official.lamb == 0.1 and "lamb" not in official.state_dict()
-    assert "input_size=6, embed_size=3" in repr(official)
+        assert "input_size=6, embed_size=3" in repr(vb) and "lamb" not in repr(vb)
+    default = dm.VariationalBottleneck()
+    assert (default.input_size, default.embed_size) == (512, 512)
+    old_call_site.load_state_dict(official.state_dict())
+    old_call_site.train()
+    x = torch.randn(4, 6)
+    _, _, _, kl_old = old_call_site.sample(x, seed=1)
+    _, _, _, kl = official.train().sample(x, seed=1)
+    torch.testing.assert_close(kl_old, kl)  # lamb scales nothing
     with pytest.raises(ValueError, match="input_size"):
         dm.VariationalBottleneck(0.1, 3)  # the official positional form is refused, not misread
 

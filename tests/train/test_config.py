@@ -1,13 +1,15 @@
 """DMILConfig: published defaults, YAML loading with official names, presets, scaling."""
 
 import pytest
+import torch
 
-from dmil_fast.train import DMILConfig
+from dmil_fast.train import DMILConfig, build_model
 
+# The settings of the current official cfgs/methods/DMIL.yaml (values only).
 OFFICIAL_METHOD_YAML = """\
 # @package methods
 method_name: DMIL
-lamb: 0.2
+lamb: 0.02
 stage1_epochs: 10
 stage2_epochs: 5
 stage1_lr: 4e-3
@@ -15,20 +17,30 @@ stage2_lr: 1e-3
 stage3_lr: 1e-5
 beta_cls: 1.0
 stage1_visual_beta_kl: 0.4
-stage1_visual_beta_rec: 0.1
+stage1_visual_beta_rec: 1.0
 stage1_audio_beta_kl: 2.0
-stage1_audio_beta_rec: 0.5
+stage1_audio_beta_rec: 5.0
 stage2_beta_red: 1.0
 stage2_beta_inter: 1.0
 stage2_beta_uni: 1.0
-stage2_beta_rec_tr: 0.25
-stage2_beta_all: 0.5
+stage2_beta_rec_tr: 2.5
 stage3_beta_kl_stage1: 1.0
-stage3_beta_rec_stage1: 0.3
+stage3_beta_rec_stage1: 3.0
 stage3_beta_cls_stage1: 0.5
 stage3_beta_red: 0.4
 stage3_beta_inter: 0.4
 stage3_beta_uni: 0.4
+stage3_beta_rec_tr: 1.0
+"""
+# An older revision's file: lambda 0.2 for KLs scaled by 0.1 in the model, a tenth of the
+# reconstruction weights, and stage2_beta_all.
+OLD_METHOD_YAML = """\
+lamb: 0.2
+stage1_visual_beta_rec: 0.1
+stage1_audio_beta_rec: 0.5
+stage2_beta_rec_tr: 0.25
+stage2_beta_all: 0.5
+stage3_beta_rec_stage1: 0.3
 stage3_beta_rec_tr: 0.1
 """
 
@@ -37,10 +49,12 @@ def test_defaults_are_the_published_configuration():
     c = DMILConfig()
     assert (c.n_epochs, c.batch_size, c.optimizer, c.momentum, c.weight_decay, c.random_seed) == (70, 64, "SGD", 0.9, 1e-4, 2024)
     assert (c.stage1_epochs, c.stage1_lr, c.stage2_epochs, c.stage2_lr, c.stage3_lr) == (10, 4e-3, 5, 1e-3, 1e-5)
-    assert (c.lamb, c.beta_cls, c.stage1_visual_beta_kl, c.stage1_audio_beta_kl) == (0.2, 1.0, 0.4, 2.0)
-    assert (c.stage1_visual_beta_rec, c.stage1_audio_beta_rec, c.stage2_beta_rec_tr) == (0.1, 0.5, 0.25)
-    assert (c.stage3_beta_kl_stage1, c.stage3_beta_rec_stage1, c.stage3_beta_cls_stage1) == (1.0, 0.3, 0.5)
-    assert (c.stage3_beta_red, c.stage3_beta_inter, c.stage3_beta_uni, c.stage3_beta_rec_tr) == (0.4, 0.4, 0.4, 0.1)
+    assert (c.lamb, c.beta_cls, c.stage1_visual_beta_kl, c.stage1_audio_beta_kl) == (0.02, 1.0, 0.4, 2.0)
+    assert (c.stage1_visual_beta_rec, c.stage1_audio_beta_rec, c.stage2_beta_rec_tr) == (1.0, 5.0, 2.5)
+    assert (c.stage2_beta_red, c.stage2_beta_inter, c.stage2_beta_uni) == (1.0, 1.0, 1.0)
+    assert (c.stage3_beta_kl_stage1, c.stage3_beta_rec_stage1, c.stage3_beta_cls_stage1) == (1.0, 3.0, 0.5)
+    assert (c.stage3_beta_red, c.stage3_beta_inter, c.stage3_beta_uni, c.stage3_beta_rec_tr) == (0.4, 0.4, 0.4, 1.0)
+    assert c.synergy_hidden == 0  # the published synergy module
     assert c.seed == 2024 and c.preset == "published"
 
 
@@ -50,6 +64,9 @@ def test_official_method_file_loads_with_yaml_1_1_exponents(tmp_path):
     c = DMILConfig.from_yaml(path)
     assert c.stage3_lr == 2e-4 and c.stage1_lr == 4e-3 and isinstance(c.stage1_epochs, int)
     assert c == DMILConfig(stage3_lr=2e-4)
+    path.write_text(OLD_METHOD_YAML)
+    old = DMILConfig.from_yaml(path)
+    assert (old.lamb, old.stage1_audio_beta_rec, old.stage3_beta_rec_tr, old.stage2_beta_all) == (0.2, 0.5, 0.1, 0.5)
 
 
 def test_hydra_style_file_with_sections_interpolations_and_seed_alias(tmp_path):
@@ -76,7 +93,8 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 def test_presets_and_validation():
     f = DMILConfig.for_features()
-    assert f.preset == "features" and f.stage3_lr == 1e-2 and f.stage3_lr > DMILConfig().stage3_lr
+    assert f.preset == "features" and f.stage3_lr == 5e-2 and f.stage3_lr > DMILConfig().stage3_lr
+    assert (f.encoder_depth, f.synergy_hidden, f.n_epochs) == (0, 64, 50)
     assert f.lamb == DMILConfig().lamb  # loss weights stay published
     assert DMILConfig.from_preset("features", random_seed=3).random_seed == 3
     with pytest.raises(ValueError, match="preset"):
@@ -85,6 +103,18 @@ def test_presets_and_validation():
         DMILConfig(n_epochs=12, stage1_epochs=10, stage2_epochs=5)
     with pytest.raises(ValueError, match="optimizer"):
         DMILConfig(optimizer="LBFGS")
+    with pytest.raises(ValueError, match="synergy_hidden"):
+        DMILConfig(synergy_hidden=-1)
+
+
+def test_factory_builds_the_configured_synergy_module_and_encoders():
+    model = build_model("dmil", (5, 5), 3, DMILConfig.for_features(embed_size=4, synergy_hidden=7))
+    assert model.cross_modality.fc_hidden.weight.shape == (7, 12)
+    assert isinstance(model.visual_net, torch.nn.Identity) and model.embed_v.in_features == 5
+    published = build_model("dmil", (5, 5), 3, DMILConfig(embed_size=4, encoder_depth=0))
+    assert not hasattr(published.cross_modality, "fc_hidden")
+    with pytest.raises(ValueError, match="encoder_depth"):
+        build_model("dmil", (5, 6), 3, DMILConfig.for_features(embed_size=4))
 
 
 def test_scaled_keeps_the_stage_proportions():

@@ -33,11 +33,21 @@ def _outputs(stage):
 
 
 COMPONENTS = CE_OUT + CE_V + CE_A + CE_OUT  # synergy, red, unique_1, unique_2
+# The published configuration of the current official revision: lambda 0.02, reconstruction weights
+# 1.0 / 5.0 (stage 1), 2.5 (stage 2), 3.0 and 1.0 (stage 3); the KL outputs above are unweighted.
 EXPECTED_PUBLISHED = {
-    1: (CE_V + CE_A) + 0.2 * (0.4 * 0.3 + 2.0 * 0.5 + 0.1 * 0.1 * 2.0 + 0.1 * 0.5 * 4.0),
-    2: CE_OUT + 0.2 * (1.0 * 0.7 + 1.0 * (0.1 + 0.2) + 1.0 * (0.3 + 0.4) + 0.1 * 0.25 * (1.0 + 3.0)) + 0.5 * COMPONENTS,
-    3: (CE_OUT + 0.5 * (CE_V + CE_A) + 0.2 * 1.0 * (0.3 + 0.5) + 0.05 * 0.2 * 0.3 * (2.0 + 4.0)
-        + 0.2 * (0.4 * 0.7 + 0.4 * (0.1 + 0.2) + 0.4 * (0.3 + 0.4) + 0.05 * 0.1 * (1.0 + 3.0)) + 0.8 * COMPONENTS),
+    1: (CE_V + CE_A) + 0.02 * (0.4 * 0.3 + 2.0 * 0.5 + 0.1 * 1.0 * 2.0 + 0.1 * 5.0 * 4.0),
+    2: CE_OUT + 0.02 * (1.0 * 0.7 + 1.0 * (0.1 + 0.2) + 1.0 * (0.3 + 0.4) + 0.1 * 2.5 * (1.0 + 3.0)) + 0.5 * COMPONENTS,
+    3: (CE_OUT + 0.5 * (CE_V + CE_A) + 0.02 * 1.0 * (0.3 + 0.5) + 0.05 * 0.02 * 3.0 * (2.0 + 4.0)
+        + 0.02 * (0.4 * 0.7 + 0.4 * (0.1 + 0.2) + 0.4 * (0.3 + 0.4) + 0.05 * 1.0 * (1.0 + 3.0)) + 0.8 * COMPONENTS),
+}
+# The older official revision: KL outputs scaled by 0.1 in the model, lambda 0.2, reconstruction
+# weights a tenth of the current ones. Written out with this file's numbers it is the same objective.
+EXPECTED_OLD_REVISION = {
+    1: (CE_V + CE_A) + 0.2 * (0.4 * 0.03 + 2.0 * 0.05 + 0.1 * 0.1 * 2.0 + 0.1 * 0.5 * 4.0),
+    2: CE_OUT + 0.2 * (0.07 + (0.01 + 0.02) + (0.03 + 0.04) + 0.1 * 0.25 * (1.0 + 3.0)) + 0.5 * COMPONENTS,
+    3: (CE_OUT + 0.5 * (CE_V + CE_A) + 0.2 * 1.0 * (0.03 + 0.05) + 0.05 * 0.2 * 0.3 * (2.0 + 4.0)
+        + 0.2 * (0.4 * 0.07 + 0.4 * (0.01 + 0.02) + 0.4 * (0.03 + 0.04) + 0.05 * 0.1 * (1.0 + 3.0)) + 0.8 * COMPONENTS),
 }
 
 
@@ -49,6 +59,11 @@ def test_published_weights(stage):
     assert math.isclose(parts["ce_out"].item(), CE_OUT, rel_tol=1e-6)
     if stage != 2:
         assert math.isclose(parts["ce_a"].item(), CE_A, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_published_objective_equals_the_old_revisions(stage):
+    assert math.isclose(EXPECTED_PUBLISHED[stage], EXPECTED_OLD_REVISION[stage], rel_tol=1e-12)
 
 
 def test_weights_come_from_the_config():
