@@ -1,14 +1,29 @@
 """The ``dmil-fast`` command (also ``python -m dmil_fast``).
 
     dmil-fast train --data DIR --method {dmil,joint,ensemble} --out DIR [--epochs N] [--config FILE]
-                    [--seed S] [--preset {published,features}] [--device D]
+                    [--seed S] [--preset {published,features}] [--device D] [--resume]
+                    [--checkpoint-every K] [--amp {none,bf16}] [--compile [BACKEND]] [--init-from CKPT]
+                    [--stream | --in-memory] [--workers N] [--threads N] [--pretrained RESNET18]
+                    [--num-frames T] [--frame-dir DIR] [--backend NAME]
+    torchrun --nproc_per_node N -m dmil_fast train ...     (data parallel: NCCL on GPUs, gloo on CPU)
     dmil-fast demo  [--out DIR] [--n N] [--epochs N] [--seed S] [--tiny]
     dmil-fast score --data DIR [--model CHECKPOINT] --out DIR [--redundancy {lsmi,mmi}] [--epochs N]
     dmil-fast info  [--json]
 
-Bad input (missing files, inconsistent arrays, NaN features, empty splits, bad settings) is
-reported as ``error: ...`` on stderr with exit status 2 before any training starts. Set
-``DMIL_FAST_DEBUG=1`` to get the traceback instead.
+``--data`` is a feature dataset (directory of ``.npy`` files or an ``.h5`` file) or a raw CREMA-D
+root (a directory with ``train.csv`` and ``test.csv``; needs ``pip install dmil-fast[av]``),
+trained with the official ResNet18 encoders (``--pretrained``: ImageNet ``resnet18`` weights).
+
+Never losing work: ``OUT/checkpoints/last.pt`` is written atomically at the end of every epoch
+and every ``--checkpoint-every`` steps; ``--resume`` continues a killed run from it exactly
+(same metrics as an uninterrupted run; without a ``last.pt`` it starts from scratch and says so).
+``--init-from`` starts from other weights: a dmil-fast checkpoint, an official DMIL checkpoint
+or a plain state_dict file.
+
+Bad input (missing files, inconsistent arrays, NaN features, empty splits, unreadable media,
+corrupt checkpoints, bad settings) is reported as ``error: ...`` on stderr with exit status 2
+before any training starts (a media file that fails to decode mid-epoch: when it is read,
+naming the sample and file). Set ``DMIL_FAST_DEBUG=1`` to get the traceback instead.
 """
 
 from __future__ import annotations
@@ -19,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError)
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ImportError)
 
 
 def _device(name: str) -> str:
@@ -28,13 +43,13 @@ def _device(name: str) -> str:
     return resolve_device(name)
 
 
-def _config(args):
+def _config(args, preset: str):
     from .train import DMILConfig
 
     if args.config:
-        config = DMILConfig.from_yaml(args.config, preset=args.preset)
+        config = DMILConfig.from_yaml(args.config, preset=preset)
     else:
-        config = DMILConfig.from_preset(args.preset)
+        config = DMILConfig.from_preset(preset)
     if args.seed is not None:
         config = DMILConfig(**dict(config.to_dict(), random_seed=args.seed, adam_betas=config.adam_betas))
     if args.epochs is not None:
@@ -42,17 +57,54 @@ def _config(args):
     return config
 
 
-def cmd_train(args) -> int:
-    from .train import FeatureData, train
+def _load_data(args, config):
+    """Every data check runs here, before the model exists."""
+    from .train import FeatureData
+    from .train.media import MediaData, looks_like_cremad
 
-    data = FeatureData.load(args.data)  # every data check runs before the model exists
-    config = _config(args)
-    metrics = train(data, method=args.method, config=config, out_dir=args.out, device=_device(args.device),
-                    progress=not args.no_progress, echo=None if args.quiet else print)
-    types = ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_type_accuracy"].items() if v is not None)
-    print(f"test accuracy {metrics['test_accuracy']:.4f}  Syn. {metrics['syn']:.4f}"
-          + (f"  ({types})" if types else "") + f"  -> {Path(args.out) / 'metrics.json'}")
+    if args.pretrained and args.init_from:
+        raise ValueError("--pretrained and --init-from both set the initial weights: give one of them")
+    if looks_like_cremad(args.data):
+        return MediaData.load(args.data, num_frames=args.num_frames, frame_dir=args.frame_dir,
+                              seed=config.random_seed)
+    if args.pretrained:
+        raise ValueError("--pretrained loads ResNet18 encoders: it needs a raw CREMA-D --data directory")
+    return FeatureData.load(args.data, stream=args.stream)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .train import Trainer
+    from .train.distributed import init_distributed, shutdown
+    from .train.media import load_pretrained_encoders, looks_like_cremad
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    preset = args.preset or ("published" if looks_like_cremad(args.data) else "features")
+    config = _config(args, preset)
+    data = _load_data(args, config)
+    dist = init_distributed(_device(args.device) if args.device != "auto" else "auto")
+    try:
+        trainer = Trainer(data, config, method=args.method, out_dir=args.out, dist=dist,
+                          progress=not args.no_progress, echo=None if args.quiet else _echo,
+                          amp=None if args.amp == "none" else args.amp, compile=args.compile or False,
+                          checkpoint_every=args.checkpoint_every, workers=args.workers, init_from=args.init_from,
+                          backend=args.backend)
+        if args.pretrained:
+            load_pretrained_encoders(trainer.model, args.pretrained)
+        metrics = trainer.fit(resume=args.resume)
+    finally:
+        shutdown(dist)
+    if dist.is_main:
+        types = ", ".join(f"{k} {v:.3f}" for k, v in metrics["per_type_accuracy"].items() if v is not None)
+        print(f"test accuracy {metrics['test_accuracy']:.4f}  Syn. {metrics['syn']:.4f}"
+              + (f"  ({types})" if types else "") + f"  -> {Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 def cmd_demo(args) -> int:
@@ -79,18 +131,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmil-fast", description="Fast DMIL: training, demo, interaction scoring.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train DMIL or a baseline on a feature dataset")
-    p.add_argument("--data", required=True, help="feature dataset directory (or .h5 file)")
+    p = sub.add_parser("train", help="train DMIL or a baseline on a feature dataset or raw CREMA-D")
+    p.add_argument("--data", required=True, help="feature dataset directory (or .h5 file), or a CREMA-D root")
     p.add_argument("--method", required=True, choices=("dmil", "joint", "ensemble"))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, help="total epochs; the stage schedule scales proportionally")
     p.add_argument("--config", help="YAML file of DMILConfig settings (official names)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's random_seed)")
-    p.add_argument("--preset", choices=("published", "features"), default="features",
-                   help="defaults: 'features' for pre-extracted features (default), 'published' as in the paper")
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--preset", choices=("published", "features"),
+                   help="defaults: 'features' for feature data, 'published' (as in the paper) for CREMA-D")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu; "
+                   "under torchrun each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="also write last.pt every K steps within an epoch (default: at epoch ends only)")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (default: none)")
+    p.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
+                   help="torch.compile the model (default backend: inductor)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="initial weights: a dmil-fast checkpoint, an official DMIL checkpoint or a state_dict")
+    p.add_argument("--backend", help="ops backend of the DMIL model (default: automatic)")
+    stream = p.add_mutually_exclusive_group()
+    stream.add_argument("--stream", action="store_true", default=None,
+                        help="read features from disk batch by batch (default: when they exceed 2 GiB)")
+    stream.add_argument("--in-memory", action="store_false", dest="stream", help="load the features into memory")
+    p.add_argument("--workers", type=int, help="DataLoader workers for streamed data (default 2)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; small models "
+                   "on few cores often run faster with 1)")
+    p.add_argument("--pretrained", metavar="RESNET18",
+                   help="CREMA-D: ImageNet resnet18 weights (torchvision names) for both encoders")
+    p.add_argument("--num-frames", type=int, default=1, help="CREMA-D: frames per clip (default 1)")
+    p.add_argument("--frame-dir", default="Image-01-FPS", help="CREMA-D: folder of frame folders")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="synthetic benchmark: joint vs ensemble vs DMIL")
@@ -122,10 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "n"):
+    for name, low in (("epochs", 1), ("n", 1), ("checkpoint_every", 0), ("workers", 0), ("num_frames", 1),
+                      ("threads", 1)):
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            print(f"error: --{name} must be a positive int, got {value}", file=sys.stderr)
+        if value is not None and value < low:
+            flag = "--" + name.replace("_", "-")
+            print(f"error: {flag} must be an int >= {low}, got {value}", file=sys.stderr)
             return 2
     try:
         return args.func(args)

@@ -6,12 +6,22 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from dmil_fast.cli import main
 from dmil_fast.data import make_synthetic
 
 METRIC_KEYS = ("test_accuracy", "per_class_accuracy", "per_type_accuracy", "syn", "final_train_loss",
                "world_size", "seconds")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two that synchronise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +92,10 @@ def _bad(tiny, tmp_path, name, edit):
     ("nan", "NaN"),
     ("empty_split", "no samples"),
     ("no_labels", "labels"),
+    ("short_labels", "labels.npy has 290"),
+    ("int_features", "modality_1.npy must hold floating-point"),
+    ("3d_features", "modality_2.npy must be 2-D"),
+    ("float_labels", "labels.npy must hold integers"),
 ])
 def test_bad_data_is_reported_before_training(tiny, tmp_path, capsys, case, message):
     edits = {
@@ -91,6 +105,10 @@ def test_bad_data_is_reported_before_training(tiny, tmp_path, capsys, case, mess
                                                                  np.load(d / "modality_1.npy")).astype(np.float32)),
         "empty_split": lambda d: np.save(d / "split.npy", np.load(d / "split.npy") % 2),
         "no_labels": lambda d: (d / "labels.npy").unlink(),
+        "short_labels": lambda d: np.save(d / "labels.npy", np.load(d / "labels.npy")[:290]),
+        "int_features": lambda d: np.save(d / "modality_1.npy", np.load(d / "modality_1.npy").astype(np.int32)),
+        "3d_features": lambda d: np.save(d / "modality_2.npy", np.load(d / "modality_2.npy")[:, :, None]),
+        "float_labels": lambda d: np.save(d / "labels.npy", np.load(d / "labels.npy").astype(np.float32)),
     }
     data = tmp_path / "absent" if case == "missing" else _bad(tiny, tmp_path, case, edits[case])
     out = tmp_path / "out"
@@ -99,6 +117,45 @@ def test_bad_data_is_reported_before_training(tiny, tmp_path, capsys, case, mess
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (out / "log.csv").exists()  # nothing trained
+
+
+def test_bad_hdf5_is_reported_before_training(tiny, tmp_path, capsys):
+    import h5py
+
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["modality_1"] = np.load(tiny / "modality_1.npy")
+        f["modality_2"] = np.load(tiny / "modality_2.npy")[:, :4].T  # (4, 300): wrong orientation
+        f["labels"] = np.load(tiny / "labels.npy")
+    code = main(["train", "--data", str(path), "--method", "dmil", "--out", str(tmp_path / "o"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.h5" in err and "modality_2" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "log.csv").exists()
+
+
+def test_scale_flags_reach_the_trainer(tiny, small_config, tmp_path, monkeypatch):
+    import dmil_fast.train as train_module
+
+    seen = {}
+
+    class Recording(train_module.Trainer):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+        def fit(self, *, resume=False):  # the options arrived; the run itself is tested elsewhere
+            seen["resume"] = resume
+            seen["stream"] = self.data.stream
+            return {"test_accuracy": 0.5, "syn": 0.0, "per_type_accuracy": {}}
+
+    monkeypatch.setattr(train_module, "Trainer", Recording)
+    out = tmp_path / "o"
+    assert main(["train", "--data", str(tiny), "--method", "joint", "--epochs", "1", "--out", str(out),
+                 "--config", str(small_config), "--no-progress", "--quiet", "--checkpoint-every", "3",
+                 "--amp", "bf16", "--compile", "aot_eager", "--stream", "--workers", "1", "--resume"]) == 0
+    assert seen["checkpoint_every"] == 3 and seen["amp"] == "bf16" and seen["compile"] == "aot_eager"
+    assert seen["workers"] == 1 and seen["resume"] is True and seen["stream"] is True
+    assert seen["dist"].world_size == 1 and type(seen["dist"]).__name__ == "DistContext"
 
 
 def test_bad_arguments(tiny, tmp_path, capsys):
@@ -112,6 +169,12 @@ def test_bad_arguments(tiny, tmp_path, capsys):
     assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "stage9_lr" in err and "bad.yaml" in err
+    for flag, value in (("--checkpoint-every", "-1"), ("--workers", "-3"), ("--num-frames", "0")):
+        assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path), flag, value]) == 2
+        assert flag in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path / "p"),
+                 "--pretrained", str(tmp_path / "r18.pth")]) == 2
+    assert "CREMA-D" in capsys.readouterr().err
 
 
 def test_score_reports_missing_data_as_an_error(tmp_path, capsys):

@@ -1,15 +1,26 @@
-"""Feature data held in memory for training: the three splits of a feature dataset as tensors."""
+"""Feature data for training: the three splits of a feature dataset, in memory or streamed from disk.
+
+A split, whatever holds it, offers what the trainer needs: ``len(split)``, ``y`` (n,) int64
+labels, ``idx`` (n,) int64 row indices in the full dataset, ``types`` (n,) ground-truth type
+codes or None, ``stream`` (whether batches come from disk through DataLoader workers) and
+``fetch(positions) -> (x1, x2, y, idx)`` for a (b,) int64 tensor of positions in the split and
+``set_epoch(epoch)`` (called before each training epoch; splits with augmentation seed it).
+Raw CREMA-D splits with the same protocol live in :mod:`dmil_fast.train.media`.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 Tensor = torch.Tensor
+
+#: ``stream=None`` streams a dataset whose training features exceed this many bytes.
+STREAM_THRESHOLD_BYTES = 2 << 30
 
 
 @dataclass
@@ -23,60 +34,96 @@ class Split:
     idx: Tensor
     types: Optional[np.ndarray]
 
+    stream = False
+
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def to(self, device) -> "Split":
         return Split(self.x1.to(device), self.x2.to(device), self.y.to(device), self.idx, self.types)
 
-    def batches(self, batch_size: int, *, generator: Optional[torch.Generator] = None,
-                drop_singleton: bool = False) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
-        """(x1, x2, y) batches in order, or shuffled with ``generator`` (a CPU torch.Generator).
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: feature batches do not depend on the epoch."""
 
-        ``drop_singleton`` skips a last batch of one sample, as the official trainer does
-        (BatchNorm cannot train on it).
-        """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else None
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            if drop_singleton and stop - start == 1:
-                continue
-            if order is None:
-                yield self.x1[start:stop], self.x2[start:stop], self.y[start:stop]
-            else:
-                rows = order[start:stop].to(self.y.device)
-                yield self.x1[rows], self.x2[rows], self.y[rows]
+    def fetch(self, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rows ``positions`` (b,) int64 -> x1 (b, D1), x2 (b, D2), y (b,) on the split's device, idx (b,)."""
+        rows = positions.to(self.y.device)
+        return self.x1[rows], self.x2[rows], self.y[rows], self.idx[positions]
+
+
+class StreamSplit:
+    """A split read from disk batch by batch: a :class:`dmil_fast.data.FeatureDataset`
+    (memory-mapped ``.npy`` or HDF5). Only labels, row indices and types are held in memory;
+    features are read by ``fetch`` (in DataLoader workers during training)."""
+
+    stream = True
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.y = torch.from_numpy(dataset.labels)
+        self.idx = torch.from_numpy(dataset.indices)
+        self.types = dataset.interaction_type
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def to(self, device) -> "StreamSplit":
+        return self  # batches are moved to the device as they are used
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: feature batches do not depend on the epoch."""
+
+    def fetch(self, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rows ``positions`` (b,) int64 -> x1 (b, D1) float32, x2 (b, D2) float32, y (b,), idx (b,) on the CPU."""
+        items = [self.dataset[int(p)] for p in positions]
+        x1, x2, y, idx = (torch.stack(parts) for parts in zip(*items))
+        return x1, x2, y, idx
 
 
 @dataclass
 class FeatureData:
     """train / val / test splits of a feature dataset plus its names."""
 
-    train: Split
-    val: Split
-    test: Split
+    train: Union[Split, StreamSplit]
+    val: Union[Split, StreamSplit]
+    test: Union[Split, StreamSplit]
     dims: Tuple[int, int]
     num_classes: int
     class_names: List[str]
     type_names: Optional[List[str]]
     path: str
+    kind = "features"
+
+    @property
+    def stream(self) -> bool:
+        return self.train.stream
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "FeatureData":
+    def load(cls, path: Union[str, os.PathLike], *, stream: Optional[bool] = False) -> "FeatureData":
         """Open and validate every split of ``path`` (a :class:`dmil_fast.data.FeatureDataset`).
 
-        All checks (missing files, lengths, label range, NaN features, empty splits) run here,
-        before any model is built; they raise FileNotFoundError/ValueError/TypeError naming the file.
+        All checks (missing files, shapes and dtypes, lengths, label range, NaN features, empty
+        splits) run here, before any model is built; they raise FileNotFoundError/ValueError/
+        TypeError naming the file.
+
+        Args:
+            stream: False loads the splits into memory; True keeps them on disk and reads batches
+                as they are used (DataLoader workers); None streams when the training features
+                exceed ``STREAM_THRESHOLD_BYTES``.
         """
         from ..data import FeatureDataset
 
         sets = {name: FeatureDataset(path, name) for name in ("train", "val", "test")}
+        train = sets["train"]
+        if stream is None:
+            stream = len(train) * sum(train.dims) * 4 > STREAM_THRESHOLD_BYTES
         splits = {}
         for name, ds in sets.items():
-            x1, x2, y, idx = ds.as_tensors()
-            splits[name] = Split(x1, x2, y, idx, ds.interaction_type)
-        train = sets["train"]
+            if stream:
+                splits[name] = StreamSplit(ds)
+            else:
+                x1, x2, y, idx = ds.as_tensors()
+                splits[name] = Split(x1, x2, y, idx, ds.interaction_type)
         has_types = splits["test"].types is not None
         return cls(splits["train"], splits["val"], splits["test"], tuple(train.dims), int(train.num_classes),
                    list(train.class_names), list(train.interaction_types) if has_types else None, str(path))
@@ -95,6 +142,9 @@ class FeatureData:
             return Split(x1.float(), x2.float(), y.long(), torch.arange(len(y)), types)
 
         s = [split(p) for p in (train, val, test)]
+        for name, part in zip(("train", "val", "test"), s):
+            if len(part) == 0:
+                raise ValueError(f"the {name} split has no samples")
         names = class_names or [f"class_{k}" for k in range(num_classes)]
         return cls(s[0], s[1], s[2], (int(s[0].x1.shape[1]), int(s[0].x2.shape[1])), num_classes, names,
                    type_names, "<memory>")

@@ -1,0 +1,193 @@
+"""Never losing work: a run interrupted at any moment and resumed from checkpoints/last.pt ends
+exactly as the uninterrupted run (the reference is that uninterrupted run, same process settings)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dmil_fast.data import make_synthetic
+from dmil_fast.train import DMILConfig, FeatureData, Trainer, load_checkpoint
+
+TINY = dict(embed_size=4, input_size=8, encoder_hidden=8, encoder_depth=1, batch_size=16,
+            stage1_lr=0.05, stage2_lr=0.02, stage3_lr=0.01, lr=0.03, joint_fusion_hidden=4)
+CONFIG = DMILConfig(n_epochs=5, stage1_epochs=2, stage2_epochs=1, encoder_dropout=0.1, **TINY)
+COMPARED = ("test_accuracy", "test_loss", "final_train_loss", "best_val_accuracy", "per_type_accuracy", "syn")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster than two that synchronise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    splits = []
+    for size in (90, 32, 32):  # 90 = 5 full batches of 16 and one of 10 per epoch
+        y = torch.randint(0, 3, (size,), generator=g)
+        x1 = torch.randn(size, 6, generator=g) + y[:, None].float()
+        x2 = torch.randn(size, 6, generator=g) - y[:, None].float()
+        splits.append((x1, x2, y, np.arange(size) % 4))
+    return FeatureData.from_tensors(*splits, num_classes=3,
+                                    type_names=["redundancy", "unique_1", "unique_2", "synergy"])
+
+
+class Crash(Exception):
+    """Stands in for a kill: nothing after the raise runs."""
+
+
+class CrashingTrainer(Trainer):
+    """Raises at a chosen moment: after the n-th write of last.pt, at the n-th training step, after
+    the n-th log row (before that epoch's checkpoint), or in finish()."""
+
+    def __init__(self, *args, crash, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crash, self.counts = crash, {"save": 0, "step": 0, "row": 0}
+        row = self.log.row
+
+        def logged(r):
+            row(r)
+            self._tick("row")
+
+        self.log.row = logged
+
+    def _tick(self, what):
+        self.counts[what] += 1
+        if self.crash == (what, self.counts[what]):
+            raise Crash(f"{what} {self.counts[what]}")
+
+    def save_last(self):
+        super().save_last()
+        self._tick("save")
+
+    def train_step(self, x1, x2, y):
+        self._tick("step")
+        return super().train_step(x1, x2, y)
+
+    def finish(self, seconds):
+        if self.crash == ("finish", 1):
+            raise Crash("finish")
+        return super().finish(seconds)
+
+
+def _final_state(out_dir):
+    return load_checkpoint(out_dir / "checkpoints" / "last.pt")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    metrics = Trainer(_data(), CONFIG, method="dmil", out_dir=out, echo=None, checkpoint_every=2).fit()
+    return out, metrics
+
+
+# 6 steps per epoch; last.pt written at steps 2 and 4 and at the epoch's end (3 writes per epoch):
+# save 1 = epoch 1 step 2; save 6 = end of epoch 2 (the stage-1 -> 2 switch comes next);
+# step 15 = during epoch 3 (stage 2) step 3, one step past a checkpoint; save 11 = epoch 4 (stage 3)
+# step 4; row 4 = epoch 4 logged but not yet checkpointed; finish = after the last checkpoint.
+@pytest.mark.parametrize("crash", [("save", 1), ("save", 6), ("step", 15), ("save", 11), ("row", 4),
+                                   ("finish", 1)])
+def test_resume_after_a_crash_anywhere_equals_the_uninterrupted_run(tmp_path, uninterrupted, crash):
+    full_out, full = uninterrupted
+    with pytest.raises(Crash):
+        CrashingTrainer(_data(), CONFIG, method="dmil", out_dir=tmp_path, echo=None, checkpoint_every=2,
+                        crash=crash).fit()
+    assert not (tmp_path / "metrics.json").exists()
+    lines = []
+    resumed = Trainer(_data(), CONFIG, method="dmil", out_dir=tmp_path, echo=lines.append,
+                      checkpoint_every=2).fit(resume=True)
+    assert lines[0].startswith("resuming from")
+    for key in COMPARED:
+        assert resumed[key] == full[key], key
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test_accuracy"] == full["test_accuracy"] and saved["final_train_loss"] == full["final_train_loss"]
+    for name, value in _final_state(full_out).items():
+        assert torch.equal(_final_state(tmp_path)[name], value), name
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    full_rows = list(csv.DictReader(open(full_out / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    for r, f in zip(rows, full_rows):
+        assert (r["train_loss"], r["val_acc"], r["lr"]) == (f["train_loss"], f["val_acc"], f["lr"])
+
+
+def test_mid_epoch_checkpoint_records_the_position(tmp_path):
+    with pytest.raises(Crash):
+        CrashingTrainer(_data(), CONFIG, method="dmil", out_dir=tmp_path, echo=None, checkpoint_every=2,
+                        crash=("save", 5)).fit()
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["position"] == {"epoch": 2, "step": 4, "complete": False}
+    assert last["stage"] == 1 and last["epoch"] == 2
+    loss_sum, correct, seen = last["train_sums"][0]
+    assert seen == 64 and 0 <= correct <= 64 and loss_sum > 0
+    assert set(last["rng"][0]) >= {"python", "numpy", "torch"}
+    assert last["sampler"] == {"seed": CONFIG.random_seed, "batch_size": 16, "world_size": 1}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best_stage1.pt", "last.pt"]
+
+
+def test_resume_without_checkpoint_starts_from_scratch_and_says_so(tmp_path, uninterrupted):
+    lines = []
+    config = DMILConfig(n_epochs=2, stage1_epochs=1, stage2_epochs=1, **TINY)
+    Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=lines.append).fit(resume=True)
+    assert "no checkpoint" in lines[0] and "starting from scratch" in lines[0]
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    config = DMILConfig(n_epochs=2, stage1_epochs=1, stage2_epochs=1, **TINY)
+    Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit()
+    other = DMILConfig(n_epochs=3, stage1_epochs=1, stage2_epochs=1, **TINY)
+    with pytest.raises(ValueError, match="n_epochs") as exc:
+        Trainer(_data(), other, method="dmil", out_dir=tmp_path, echo=None).fit(resume=True)
+    assert "last.pt" in str(exc.value)
+    with pytest.raises(ValueError, match="method"):
+        Trainer(_data(), config, method="joint", out_dir=tmp_path, echo=None).fit(resume=True)
+
+
+def _train_cmd(data, out, cfg, *extra):
+    return [sys.executable, "-m", "dmil_fast", "train", "--data", str(data), "--method", "dmil", "--out", str(out),
+            "--epochs", "4", "--config", str(cfg), "--no-progress", "--quiet", "--checkpoint-every", "5", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_same_metrics(tmp_path):
+    """A real kill -9 of ``python -m dmil_fast train`` once a mid-epoch checkpoint exists."""
+    data = make_synthetic(tmp_path / "syn", n=1500, dim=8, num_classes=3, seed=3)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("embed_size: 8\nencoder_hidden: 16\ninput_size: 16\nbatch_size: 16\nencoder_dropout: 0.1\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = subprocess.Popen(_train_cmd(data, tmp_path / "full", cfg), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(_train_cmd(data, tmp_path / "run", cfg), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    position = None
+    deadline = time.monotonic() + 120
+    while killed.poll() is None and time.monotonic() < deadline:
+        if last.is_file():
+            position = torch.load(last, weights_only=True)["position"]
+            if position["epoch"] >= 2 and not position["complete"]:  # mid-epoch, after the first stage
+                break
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    assert position["epoch"] >= 2 and not position["complete"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = subprocess.run(_train_cmd(data, tmp_path / "run", cfg, "--resume"), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert b["test_accuracy"] == a["test_accuracy"] and b["final_train_loss"] == a["final_train_loss"]
+    assert b["test_loss"] == a["test_loss"] and b["per_type_accuracy"] == a["per_type_accuracy"]
