@@ -25,6 +25,8 @@ enum Redundancy : int64_t { kLsmi = 0, kMmi = 1 };
 
 constexpr int kNumScores = 7;
 constexpr int kNumRows = 3;
+constexpr const char* kForwardName = "interaction_scores";
+constexpr const char* kBackwardName = "interaction_scores_backward";
 
 // Sizes shared by all inputs, returned by the argument checks.
 struct Sizes {
@@ -33,7 +35,7 @@ struct Sizes {
 };
 
 // TORCH_CHECKs on the forward arguments (ranks, sizes, dtypes, devices); `device_type` is the
-// device the calling kernel runs on. Defined in interaction_scores_cpu.cpp.
+// device the calling kernel runs on. Defined in interaction_scores_checks.cpp.
 Sizes check_forward_args(const at::Tensor& logits_1, const at::Tensor& logits_2,
                          const at::Tensor& logits_12, const at::Tensor& labels,
                          const std::optional<at::Tensor>& entropy_1,

@@ -214,11 +214,11 @@ def _check_no_nan(scores: torch.Tensor, **inputs: Optional[torch.Tensor]) -> Non
     One host sync."""
     if torch.compiler.is_compiling():
         return
-    flag = torch.isnan(scores).any()
-    for name in ("entropy_1", "entropy_2", "log_prior"):
-        if inputs.get(name) is not None:
-            flag = flag | torch.isnan(inputs[name]).any()
-    if not bool(flag):
+    # max() propagates NaN and costs a fraction of isnan().any() on large CPU tensors; all of
+    # these tensors are non-empty (checked in _check_args).
+    peaks = [scores.max()] + [inputs[name].max() for name in ("entropy_1", "entropy_2", "log_prior")
+                              if inputs.get(name) is not None]
+    if not bool(torch.stack(peaks).isnan().any()):
         return
     for name, value in inputs.items():
         if value is not None and bool(torch.isnan(value).any()):
