@@ -104,16 +104,24 @@ def _validate(x, weight, bias, groups, sample, seed) -> torch.device:
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
     check_seed(seed)
-    check_same_dtype(x=x, weight=weight, bias=bias)
     return check_same_device(x=x, weight=weight, bias=bias)
 
 
 def _autocast_inputs(x, weight, bias, device):
-    """Under autocast, cast float32 inputs to the autocast dtype as torch's own Linear would."""
-    if x.dtype != torch.float32 or not torch.is_autocast_enabled(device.type):
-        return x, weight, bias
-    low = torch.get_autocast_dtype(device.type)
-    return x.to(low), weight.to(low), (None if bias is None else bias.to(low))
+    """Cast as torch's own Linear is cast under autocast, then check that the dtypes agree.
+
+    Under autocast every floating input that is not float64 goes to the autocast dtype, whatever
+    its own dtype: a bf16 activation meets the float32 parameters of the layer that holds them.
+    """
+    if torch.is_autocast_enabled(device.type):
+        low = torch.get_autocast_dtype(device.type)
+
+        def cast(t):
+            return t if t is None or t.dtype == torch.float64 or not t.is_floating_point() else t.to(low)
+
+        x, weight, bias = cast(x), cast(weight), cast(bias)
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    return x, weight, bias
 
 
 def _triton_forward(x, weight, bias, groups, sample, seed, device):

@@ -284,3 +284,39 @@ def test_low_precision_error_at_most_twice_pytorch(dtype):
     for name, o, n, r in zip(("z", "kl", "grad_x", "grad_weight", "grad_bias"), ours, theirs, exact):
         assert o.dtype == dtype, name
         assert (o.float() - r).abs().max() <= 2 * (n.float() - r).abs().max(), name
+
+
+# ---- autocast -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_autocast_casts_like_linear(device, x_dtype, grouped):
+    """Under bf16 autocast a float32 or bf16 x meets float32 parameters, as in a trained model:
+    the head runs in bf16 and its mean is torch's own autocast Linear."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(33, 20, generator=gen).to(device, x_dtype)
+    weight = torch.randn(2 * 2 * 8, 20, generator=gen).to(device)  # G=2 heads of E=8, float32
+    bias = torch.randn(2 * 2 * 8, generator=gen).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        want = torch.nn.functional.linear(x, weight, bias)  # (B, 2*2E) in bf16
+        if grouped:
+            z, mu, logvar, kl = dm.ops.variational_bottleneck_grouped(x, weight, bias, 2, seed=5)
+        else:
+            z, mu, logvar, kl = dm.ops.variational_bottleneck(x, weight[:16], bias[:16], seed=5)
+            want = want[:, :16]
+    want = want.view(33, -1, 16)
+    for out in (z, mu, logvar, kl):
+        assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(mu.reshape(33, -1, 8), want[..., :8], rtol=0, atol=0)
+    torch.testing.assert_close(logvar.reshape(33, -1, 8), want[..., 8:], rtol=0, atol=0)
+
+
+def test_autocast_leaves_float64_alone_and_names_the_mismatch():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    weight = torch.randn(8, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="weight"):
+            dm.ops.variational_bottleneck(x, weight, None)
+        z, mu, logvar, kl = dm.ops.variational_bottleneck(x, weight.double(), None, sample=False)
+    assert mu.dtype == torch.float64 and kl.dtype == torch.float64

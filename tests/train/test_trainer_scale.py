@@ -63,10 +63,7 @@ def test_stream_none_follows_the_size_threshold(syn, monkeypatch):
 
 
 @pytest.mark.parametrize("method,backend", [
-    pytest.param("dmil", None, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="dmil_fast.ops.variational_bottleneck checks dtypes before its autocast cast: a bf16 x "
-               "with a float32 weight is refused")),
+    ("dmil", None),
     ("dmil", "reference"),
     ("joint", None),
 ])
