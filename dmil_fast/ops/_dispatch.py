@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -157,7 +158,22 @@ def registered_ops() -> List[OpBackends]:
     return list(_REGISTRY.values())
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo here.
+
+    The public decorator imports torch._dynamo (about 2 s, paid by every process that imports
+    dmil_fast, DataLoader workers and torchrun ranks included) only to set the marker that
+    torch.compile reads when it traces; setting the marker directly has the same effect. When
+    torch._dynamo is already loaded the public decorator is used.
+    tests/ops/test_dispatch_import.py fails if torch.compile stops honouring the marker.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def choose_backend(name: str, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """The backend for op ``name`` and these inputs.
 
