@@ -260,6 +260,22 @@ class CremaDDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _position(self, i) -> int:
+        n = len(self)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"i must be an int sample index, got {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} CREMA-D clips")
+        return int(i) % n
+
+    def audio_path(self, i: int) -> Path:
+        """The WAV file of clip ``i``."""
+        return self._audio[self._position(i)]
+
+    def frame_folder(self, i: int) -> Path:
+        """The folder of clip ``i``'s frames."""
+        return self._frames[self._position(i)]
+
     def load_audio(self, i: int) -> torch.Tensor:
         """(1, 257, 188) float32 log-spectrogram of clip ``i``."""
         try:
@@ -286,10 +302,6 @@ class CremaDDataset(Dataset):
         return torch.stack(out, dim=1)  # (3, T, H, W)
 
     def __getitem__(self, i):
-        n = len(self)
-        i = int(i)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} CREMA-D clips")
-        i %= n
+        i = self._position(int(i) if isinstance(i, torch.Tensor) else i)
         return (self.load_visual(i), self.load_audio(i),
                 torch.tensor(int(self.labels[i]), dtype=torch.int64), torch.tensor(i, dtype=torch.int64))

@@ -75,9 +75,7 @@ class StreamSplit:
 
     def fetch(self, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Rows ``positions`` (b,) int64 -> x1 (b, D1) float32, x2 (b, D2) float32, y (b,), idx (b,) on the CPU."""
-        items = [self.dataset[int(p)] for p in positions]
-        x1, x2, y, idx = (torch.stack(parts) for parts in zip(*items))
-        return x1, x2, y, idx
+        return self.dataset.read_rows(positions)
 
 
 @dataclass

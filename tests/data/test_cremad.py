@@ -219,3 +219,14 @@ def test_select_frames_rule():
     picks = cremad.select_frames(10, 4, train=True)
     assert picks == sorted(picks) and len(set(picks)) == 4 and all(0 <= p < 10 for p in picks)
     assert cremad.select_frames(1, 3, train=True) == [0, 0, 0]
+
+
+def test_paths_of_a_clip(root):
+    ds = cremad.CremaDDataset(root, "test")
+    clip = CLIPS_TEST[1][0]
+    assert ds.audio_path(1) == root / "AudioWAV" / f"{clip}.wav"
+    assert ds.frame_folder(-1) == root / "Image-01-FPS" / clip
+    with pytest.raises(IndexError, match="index 2 out of range for 2 CREMA-D clips"):
+        ds.audio_path(2)
+    with pytest.raises(TypeError, match="i must be an int"):
+        ds.frame_folder("0")

@@ -253,3 +253,44 @@ def test_index_out_of_range(feature_dir):
     assert int(ds[-1][3]) == int(ds.indices[-1])
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def _stacked(ds, positions):
+    """The reference for read_rows: one __getitem__ per position, stacked."""
+    items = [ds[int(p)] for p in positions]
+    return [torch.stack(parts) for parts in zip(*items)]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5"])
+def test_read_rows_equals_item_by_item(tmp_path, fmt):
+    arrays = _arrays(3)
+    if fmt == "npy":
+        path = _write_dir(tmp_path / "feats", arrays, META)
+    else:
+        path = tmp_path / "feats.h5"
+        with h5py.File(path, "w") as f:
+            for name, value in arrays.items():
+                f.create_dataset(name, data=value)
+    ds = FeatureDataset(path, "train")
+    n = len(ds)
+    positions = [n - 1, 0, 3, 3, -2, 5, 1]  # unsorted, a repeat, a negative position
+    for given in (positions, np.array(positions, dtype=np.int32), torch.tensor(positions)):
+        got = ds.read_rows(given)
+        for a, b in zip(got, _stacked(ds, positions)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x1, x2, y, idx = ds.read_rows([])
+    assert x1.shape == (0, D1) and x2.shape == (0, D2) and y.shape == (0,) and idx.shape == (0,)
+    assert x1.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_read_rows_bad_positions(feature_dir):
+    ds = FeatureDataset(feature_dir[0], "train")
+    with pytest.raises(IndexError, match=f"positions holds {len(ds)}"):
+        ds.read_rows([0, len(ds)])
+    with pytest.raises(IndexError, match="positions holds"):
+        ds.read_rows([-len(ds) - 1])
+    with pytest.raises(TypeError, match="positions must be a 1-D sequence of integers"):
+        ds.read_rows([0.5, 1.0])
+    with pytest.raises(TypeError, match="positions must be a 1-D sequence of integers"):
+        ds.read_rows([[0, 1]])
