@@ -4,6 +4,7 @@ from .baselines import EnsembleModel, JointModel
 from .bottleneck import VariationalBottleneck, grouped_sample
 from .dmil import LEGACY_STATE_DICT_KEYS, STAGE1_MODULES, CrossModality, DMILModel, pool_encoder_output
 from .encoders import MLPEncoder
+from .resnet import ResNet18, resnet18
 
 __all__ = [
     "VariationalBottleneck",
@@ -16,4 +17,6 @@ __all__ = [
     "JointModel",
     "EnsembleModel",
     "MLPEncoder",
+    "ResNet18",
+    "resnet18",
 ]

@@ -21,6 +21,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ..nn.dmil import LEGACY_STATE_DICT_KEYS
+
 FORMAT = "dmil_fast.checkpoint/1"
 PathLike = Union[str, os.PathLike]
 
@@ -125,8 +127,9 @@ def read_state_dict(path: PathLike, *, map_location: Union[str, torch.device] = 
 
 def load_weights(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
     """Load the weights of the checkpoint at ``path`` (any form :func:`read_state_dict` reads) into
-    ``model``, strictly except for the official model's unused ``clf_*`` classifiers, which
-    one revision has and the next does not. Raises ValueError naming ``path`` and the keys on a
+    ``model``, strictly except for the official model's unused classifiers
+    (:data:`dmil_fast.nn.LEGACY_STATE_DICT_KEYS`), which one revision has and the next does not,
+    dropped when the model has no such keys. Raises ValueError naming ``path`` and the keys on a
     mismatch. Returns ``model``."""
     state, _ = read_state_dict(path)
     return fit_state_dict(model, state, source=str(path))
@@ -135,9 +138,9 @@ def load_weights(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
 def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> torch.nn.Module:
     """:func:`load_weights` for a state_dict in memory; ``source`` names it in errors."""
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.startswith("clf_")}
+    state = {k: v for k, v in state.items() if k in own or k not in LEGACY_STATE_DICT_KEYS}
     unexpected = sorted(set(state) - set(own))
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith("clf_"))
+    missing = sorted(set(own) - set(state))
     wrong = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
     if unexpected or missing or wrong:
         detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"

@@ -30,16 +30,29 @@ def build_encoders(dims: Tuple[int, int], config: DMILConfig) -> Tuple[Optional[
     return enc[0], enc[1], config.input_size
 
 
-def build_model(method: str, dims: Tuple[int, int], num_classes: int, config: DMILConfig, *,
-                backend: Optional[str] = None) -> nn.Module:
-    """``method`` in ("dmil", "joint", "ensemble") on features of widths ``dims`` = (D1, D2)."""
+def build_model(method: str, dims: Optional[Tuple[int, int]], num_classes: int, config: DMILConfig, *,
+                backend: Optional[str] = None,
+                encoders: Optional[Tuple[nn.Module, nn.Module]] = None) -> nn.Module:
+    """``method`` in ("dmil", "joint", "ensemble") on features of widths ``dims`` = (D1, D2).
+
+    ``encoders``: prebuilt (enc_1, enc_2) modules (a ResNet18 pair, a pretrained network of your
+    own) that map each modality's input to ``config.input_size`` features, used in place of the
+    config's MLP encoders; ``dims`` is then unused and may be None.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    enc_1, enc_2, input_size = build_encoders(dims, config)
+    if encoders is None:
+        if dims is None:
+            raise ValueError("dims (D1, D2) is needed unless encoders are given")
+        enc_1, enc_2, input_size = build_encoders(dims, config)
+    else:
+        if not (isinstance(encoders, (tuple, list)) and len(encoders) == 2
+                and all(isinstance(e, nn.Module) for e in encoders)):
+            raise TypeError(f"encoders must be a pair of torch.nn.Module, got {encoders!r:.80}")
+        (enc_1, enc_2), input_size = encoders, config.input_size
+    size = dict(embed_size=config.embed_size, num_class=num_classes, input_size=input_size)
     if method == "dmil":
-        return DMILModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, stage=1,
-                         input_size=input_size, backend=backend, synergy_hidden=config.synergy_hidden)
+        return DMILModel(enc_1, enc_2, stage=1, backend=backend, synergy_hidden=config.synergy_hidden, **size)
     if method == "joint":
-        return JointModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, input_size=input_size,
-                          fusion_hidden=config.joint_fusion_hidden)
-    return EnsembleModel(enc_1, enc_2, embed_size=config.embed_size, num_class=num_classes, input_size=input_size)
+        return JointModel(enc_1, enc_2, fusion_hidden=config.joint_fusion_hidden, **size)
+    return EnsembleModel(enc_1, enc_2, **size)

@@ -104,8 +104,8 @@ def verify_media(dataset, name: str) -> None:
     from ..data.cremad import FRAME_SUFFIXES
 
     bad: List[str] = []
-    # The reader's per-clip lists of WAV files and frame folders.
-    for i, (audio, frames) in enumerate(zip(dataset._audio, dataset._frames)):
+    for i in range(len(dataset)):
+        audio, frames = dataset.audio_path(i), dataset.frame_folder(i)
         problem = _check_wav(audio)
         if problem:
             bad.append(f"sample {i}: audio file {audio}: {problem}")
@@ -160,23 +160,16 @@ class MediaData:
 
 def build_media_model(method: str, num_classes: int, config, *, backend: Optional[str] = None) -> torch.nn.Module:
     """``method`` ("dmil", "joint", "ensemble") with the official ResNet18 visual and audio encoders."""
-    from ..nn import DMILModel, EnsembleModel, JointModel
     from ..nn.resnet import resnet18
-    from .factory import METHODS
+    from .factory import METHODS, build_model
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if config.input_size != RESNET18_FEATURES:
         raise ValueError(f"input_size must be {RESNET18_FEATURES} (the ResNet18 output width) for raw CREMA-D, "
                          f"got {config.input_size}; use the 'published' preset")
-    visual, audio = resnet18("visual"), resnet18("audio")
-    size = dict(embed_size=config.embed_size, num_class=num_classes, input_size=RESNET18_FEATURES)
-    if method == "dmil":
-        extra = {"synergy_hidden": config.synergy_hidden} if getattr(config, "synergy_hidden", 0) else {}
-        return DMILModel(visual, audio, stage=1, backend=backend, **size, **extra)
-    if method == "joint":
-        return JointModel(visual, audio, fusion_hidden=config.joint_fusion_hidden, **size)
-    return EnsembleModel(visual, audio, **size)
+    return build_model(method, None, num_classes, config, backend=backend,
+                       encoders=(resnet18("visual"), resnet18("audio")))
 
 
 def load_pretrained_encoders(model: torch.nn.Module, path: Union[str, os.PathLike]) -> torch.nn.Module:

@@ -167,3 +167,46 @@ def test_read_state_dict_refuses_foreign_files_naming_them(tmp_path):
     assert list(read_state_dict(tmp_path / "dp.pt")[0]) == ["a.weight"]  # DataParallel prefix removed
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         read_state_dict(tmp_path / "absent.pt")
+
+
+def test_only_the_legacy_classifier_keys_are_forgiven():
+    """The ensemble baseline has its own clf_* layers: weights without them are refused, and a stray
+    clf_* key that is not one of the official model's legacy classifiers is unexpected."""
+    from dmil_fast.train.checkpoint import fit_state_dict
+
+    config = DMILConfig.for_features(embed_size=4, encoder_hidden=8, input_size=8)
+    ensemble = build_model("ensemble", (6, 6), 3, config)
+    partial = {k: v for k, v in ensemble.state_dict().items() if not k.startswith("clf_")}
+    with pytest.raises(ValueError, match=r"ens\.pth.*missing: clf_audio_fc"):
+        fit_state_dict(ensemble, partial, source="ens.pth")
+    dmil = build_model("dmil", (6, 6), 3, config)
+    stray = dict(dmil.state_dict(), **{"clf_extra_fc.weight": torch.zeros(3, 4)})
+    with pytest.raises(ValueError, match="unexpected: clf_extra_fc.weight"):
+        fit_state_dict(dmil, stray, source="d.pth")
+
+
+def test_build_model_takes_prebuilt_encoders():
+    config = DMILConfig(embed_size=8, input_size=512)
+    for method in ("dmil", "joint", "ensemble"):
+        model = build_model(method, None, 5, config, encoders=(resnet18("visual"), resnet18("audio")))
+        assert model.visual_net.conv1.in_channels == 3 and model.audio_net.conv1.in_channels == 1
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 1, 32, 32), torch.randn(2, 1, 32, 32))["out"]
+        assert out.shape == (2, 5)
+    with pytest.raises(TypeError, match="encoders must be a pair"):
+        build_model("dmil", None, 5, config, encoders=(resnet18("visual"),))
+    with pytest.raises(ValueError, match="dims"):
+        build_model("dmil", None, 5, config)
+
+
+def test_public_names_are_exported():
+    import dmil_fast.nn as dnn
+    import dmil_fast.train as dtrain
+    from dmil_fast.train import checkpoint, distributed, media
+
+    assert dnn.resnet18 is resnet18 and dnn.ResNet18 is type(resnet18("audio"))
+    assert dtrain.load_weights is checkpoint.load_weights and dtrain.read_state_dict is read_state_dict
+    assert dtrain.init_distributed is distributed.init_distributed and dtrain.MediaData is media.MediaData
+    for module in (dnn, dtrain):
+        assert all(hasattr(module, name) for name in module.__all__)
