@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
                           progress=not args.no_progress, echo=None if args.quiet else _echo,
                           amp=None if args.amp == "none" else args.amp, compile=args.compile or False,
                           checkpoint_every=args.checkpoint_every, workers=args.workers, init_from=args.init_from,
-                          backend=args.backend)
+                          backend=args.backend, sync_bn=args.sync_bn)
         if args.pretrained:
             load_pretrained_encoders(trainer.model, args.pretrained)
         metrics = trainer.fit(resume=args.resume)
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="also write last.pt every K steps within an epoch (default: at epoch ends only)")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (default: none)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     p.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
                    help="torch.compile the model (default backend: inductor)")
     p.add_argument("--init-from", metavar="CKPT",

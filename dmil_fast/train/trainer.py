@@ -87,7 +87,7 @@ class Trainer(ResumableTraining):
                  echo: Optional[Callable[[str], None]] = print, model: Optional[torch.nn.Module] = None,
                  dist: Optional[DistContext] = None, amp: Optional[str] = None, compile: Union[bool, str] = False,
                  checkpoint_every: int = 0, workers: Optional[int] = None, init_from=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, sync_bn: bool = False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if amp not in (None, *AMP_DTYPES):
@@ -110,6 +110,7 @@ class Trainer(ResumableTraining):
         self.model = (model or self._build_model(backend)).to(self.device)
         if init_from is not None:
             load_weights(self.model, init_from)
+        self.sync_bn = self._convert_batchnorm(sync_bn)
         self.net = self.model  # what training calls: the model, wrapped in DDP and/or compiled
         self.stage: Optional[int] = None
         self.epoch, self.step, self.epoch_complete = 0, 0, True
@@ -120,6 +121,20 @@ class Trainer(ResumableTraining):
         self.throughput: Dict[str, list] = {}  # stage -> [samples, seconds]
         self._sums = [0.0, 0, 0]  # this rank's running loss sum, correct, seen of the epoch
         self.epoch_rate = 0.0
+
+    def _convert_batchnorm(self, sync_bn: bool) -> bool:
+        """With ``sync_bn`` and several ranks, BatchNorm layers (the ResNet18 encoders') pool their
+        batch statistics across ranks, as one process on the global batch would. Same state_dict
+        keys, so checkpoints load either way. Returns whether the model was converted."""
+        if not isinstance(sync_bn, bool):
+            raise TypeError(f"sync_bn must be a bool, got {type(sync_bn).__name__}")
+        if not sync_bn or not self.dist.enabled:
+            return False  # one process: its batch statistics are the global ones already
+        if self.device.type != "cuda":
+            raise ValueError(f"sync_bn needs CUDA devices (torch's SyncBatchNorm has no kernel for "
+                             f"{self.device.type} tensors); train without --sync-bn here")
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        return True
 
     def _build_model(self, backend):
         if self.data.kind == "cremad":
@@ -363,7 +378,7 @@ class Trainer(ResumableTraining):
             "syn": m["syn"], "test_accuracy_1": m["accuracy_1"], "test_accuracy_2": m["accuracy_2"],
             "best_val_accuracy": self.best_acc.get(self.stage), "final_train_loss": self.last_train.get("loss"),
             "epochs": self.epoch, "stage_epochs": self._stage_epochs(), "seed": self.config.random_seed,
-            "world_size": self.dist.world_size, "device": str(self.device), "amp": self.amp,
+            "world_size": self.dist.world_size, "device": str(self.device), "amp": self.amp, "sync_bn": self.sync_bn,
             "compile": self.compile, "train_samples_per_second": {
                 k: round(s / t, 1) for k, (s, t) in self.throughput.items() if t > 0},
             "seconds": round(train_seconds + time.perf_counter() - t0, 3),

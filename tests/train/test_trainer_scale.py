@@ -127,3 +127,37 @@ def test_bad_options_are_refused(syn, tmp_path, kwargs, message):
     config = DMILConfig(n_epochs=1, stage1_epochs=1, stage2_epochs=0, **SMALL)
     with pytest.raises(ValueError, match=message):
         Trainer(FeatureData.load(syn), config, method="dmil", out_dir=tmp_path, echo=None, **kwargs)
+
+
+def test_sync_bn_on_one_process_is_a_no_op_and_on_cpu_ranks_a_clear_error(syn, tmp_path):
+    from dmil_fast.train import DistContext
+
+    config = DMILConfig(n_epochs=1, stage1_epochs=1, stage2_epochs=0, **SMALL)
+    data = FeatureData.load(syn)
+    single = Trainer(data, config, method="joint", out_dir=tmp_path / "a", echo=None, sync_bn=True)
+    assert single.sync_bn is False
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in single.model.modules())
+    two_cpu_ranks = DistContext(rank=0, world_size=2, backend="gloo", device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="sync_bn needs CUDA devices"):
+        Trainer(data, config, method="joint", out_dir=tmp_path / "b", echo=None, dist=two_cpu_ranks, sync_bn=True)
+    with pytest.raises(TypeError, match="sync_bn must be a bool"):
+        Trainer(data, config, method="joint", out_dir=tmp_path / "c", echo=None, sync_bn="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm runs on CUDA only; no GPU here")
+def test_sync_bn_converts_the_resnet_batchnorms_on_gpu_ranks(tmp_path):
+    from dmil_fast.nn import resnet18
+    from dmil_fast.train import DistContext, build_model
+
+    config = DMILConfig(embed_size=8, input_size=512)
+    model = build_model("dmil", None, 6, config, encoders=(resnet18("visual"), resnet18("audio")))
+    plain_keys = set(model.state_dict())
+    ranks = DistContext(rank=0, world_size=2, backend="nccl", device=torch.device("cuda", 0))
+    data = FeatureData.from_tensors(*[(torch.randn(4, 8), torch.randn(4, 8), torch.arange(4) % 2)] * 3,
+                                    num_classes=6)
+    trainer = Trainer(data, config, method="dmil", out_dir=tmp_path, echo=None, dist=ranks, model=model,
+                      sync_bn=True)
+    assert trainer.sync_bn is True
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in trainer.model.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules()) == 2 * 20
+    assert set(trainer.model.state_dict()) == plain_keys  # checkpoints keep their keys
