@@ -13,7 +13,10 @@ stage accuracies:
     throughput   per stage: samples and seconds of training so far
 
 The data order needs no state of its own: the epoch's permutation is a function of
-(seed, epoch) and a resumed epoch skips its first ``step`` batches (:mod:`.sampling`).
+(seed, epoch) and a resumed epoch skips its first ``step`` batches (:mod:`.sampling`). A checkpoint
+written at an epoch end also resumes with another number of processes (not bitwise: the data order
+of later epochs and per-rank sampling noise follow the new world size); one written mid-epoch needs
+the same number.
 """
 
 from __future__ import annotations
@@ -160,19 +163,31 @@ class ResumableTraining:
             return Position()
         payload = load_checkpoint(path, map_location=self.device)
         check_resumable(payload, path, spec=self.model_spec(), config=self.config.to_dict())
-        if len(payload["rng"]) != self.dist.world_size:
-            raise ValueError(f"cannot resume from {path}: written by {len(payload['rng'])} processes, this run has "
-                             f"{self.dist.world_size}; resume with the same number of processes")
+        position = Position.from_dict(payload["position"])
+        writers = len(payload["rng"])
+        if writers != self.dist.world_size and not position.complete:
+            raise ValueError(f"cannot resume from {path}: written by {writers} processes in the middle of epoch "
+                             f"{position.epoch}, and this run has {self.dist.world_size}; resume with {writers} "
+                             f"processes (another number can resume from a checkpoint written at an epoch end)")
         self.model.load_state_dict(payload["state_dict"])
         self._configure(int(payload["stage"]), optimizer_state=payload["optimizer"],
                         scheduler_state=payload["scheduler"])
         self.best_acc = {int(k): float(v) for k, v in payload["best_acc"].items()}
         self.last_train = dict(payload["last_train"])
         self.throughput = {k: list(v) for k, v in payload["throughput"].items()}
-        position = Position.from_dict(payload["position"])
         self.epoch, self.step, self.epoch_complete = position.epoch, position.step, position.complete
-        self._sums = list(payload["train_sums"][self.dist.rank])
-        restore_rng(payload["rng"][self.dist.rank])
+        if writers == self.dist.world_size:
+            self._sums = list(payload["train_sums"][self.dist.rank])
+            restore_rng(payload["rng"][self.dist.rank])
+        else:
+            # At an epoch end with another number of processes: the next epoch's data order follows the
+            # new world size; rank r continues old rank r's random streams, new ranks keep their seeding.
+            # The run goes on from the same weights and optimizer state, but not bitwise as before.
+            self._sums = [0.0, 0, 0]
+            if self.dist.rank < writers:
+                restore_rng(payload["rng"][self.dist.rank])
+            self.log.say(f"{path} was written by {writers} processes; continuing with {self.dist.world_size} "
+                         f"from the end of epoch {position.epoch}")
         self.log.say(f"resuming from {path}: epoch {position.epoch}, step {position.step}"
                      + (" (epoch complete)" if position.complete else ""))
         return position

@@ -108,6 +108,12 @@ def _worker(rank, port, out):
                           checkpoint_every=2).fit(resume=True)
         torch.save({"params": full.model.state_dict(), "metrics": metrics, "resumed": resumed},
                    out / f"fit_{rank}.pt")
+        # 3. killed right after the end of epoch 2, and after a mid-epoch write (resumed by one process
+        # in the tests).
+        for name, every, saves in (("elastic_end", 0, 2), ("elastic_mid", 2, 5)):
+            with pytest.raises(_Crash):
+                _CrashAfterSaves(data, FIT_CONFIG, method="dmil", out_dir=out / name, echo=None, dist=ctx,
+                                 checkpoint_every=every, crash_after=saves).fit()
     finally:
         shutdown(ctx)
 
@@ -198,3 +204,20 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     assert result.stdout.count("test accuracy") == 1  # rank 0 alone reports
     assert result.stdout.count("epoch   2 stage 2") == 1
     assert len((tmp_path / "out" / "log.csv").read_text().strip().splitlines()) == 1 + 3
+
+
+@pytest.mark.slow
+def test_one_process_resumes_a_two_process_run_from_an_epoch_end_only(two_ranks):
+    data = _data()
+    written = load_checkpoint(two_ranks / "elastic_end" / "checkpoints" / "last.pt")
+    assert written["position"]["epoch"] == 2 and written["position"]["complete"] is True
+    assert len(written["rng"]) == 2
+    lines = []
+    one = Trainer(data, FIT_CONFIG, method="dmil", out_dir=two_ranks / "elastic_end", echo=lines.append)
+    metrics = one.fit(resume=True)
+    assert any("written by 2 processes; continuing with 1 from the end of epoch 2" in line for line in lines)
+    assert metrics["world_size"] == 1 and metrics["epochs"] == FIT_CONFIG.n_epochs
+    assert np.isfinite(metrics["test_loss"]) and np.isfinite(metrics["final_train_loss"])
+    with pytest.raises(ValueError, match=r"last\.pt: written by 2 processes in the middle of epoch 2"):
+        Trainer(data, FIT_CONFIG, method="dmil", out_dir=two_ranks / "elastic_mid", echo=None,
+                checkpoint_every=2).fit(resume=True)
