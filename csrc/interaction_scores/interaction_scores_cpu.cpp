@@ -5,7 +5,8 @@
 // - few classes (C <= kSmallCols): the tile is transposed into a (C, kTile) buffer, so that the
 //   lanes of a vector hold different samples and every loop runs over whole vectors;
 // - more classes: row by row along the columns, an online log-sum-exp over L1-sized chunks (a max
-//   loop, then a sum loop), the ragged end of a row read as one vector overlapping the last one.
+//   loop, then a sum loop that prefetches the next row for the next max loop), the ragged end of a
+//   row read as one vector overlapping the last one.
 // The logs of the tile's 3 kTile sums are taken in one vector loop, then each sample is finished
 // (label logit, prior, decomposition). The backward writes -g exp(x - lse) over the rows, for few
 // classes over a whole tile as one flat array, then adds g at the label.

@@ -1,0 +1,162 @@
+"""Every code path of the C++ CPU interaction_scores kernel against the float64 PyTorch oracle.
+
+The kernel takes samples in tiles of 64; up to 32 classes it transposes a tile (forward) or takes
+it as one flat array (backward), above that it walks each row in 8-float vectors with a ragged last
+vector, over online log-sum-exp chunks of 2048 columns. The class counts and batch sizes below sit
+at and around each of those boundaries; float64 runs the scalar build of the same kernels.
+"""
+
+import pytest
+import torch
+
+import dmil_fast as dm
+from dmil_fast.reference.interactions import interaction_scores_ref
+
+CLASS_COUNTS = (1, 7, 8, 9, 31, 32, 33, 2047, 2048, 2049)
+BATCH_SIZES = (1, 63, 64, 65, 129)
+DTYPES = (torch.float32, torch.float64)
+FIELDS = ("pmi_1", "pmi_2", "pmi_12", "redundancy", "unique_1", "unique_2", "synergy")
+
+
+def _require_cpp():
+    from dmil_fast.ops.interaction_scores import BACKENDS
+
+    reason = BACKENDS.checks["cpp"](torch.device("cpu"), torch.float32)
+    if reason is not None:
+        pytest.fail(f"the C++ CPU kernel must be built for these tests: {reason}")
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+def _case(b, c, dtype, *, redundancy="lsmi", prior=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = [(2.0 * torch.randn(b, c, generator=gen, dtype=torch.float64)).to(dtype)
+              for _ in range(3)]
+    case = dict(logits_1=logits[0], logits_2=logits[1], logits_12=logits[2],
+                labels=torch.randint(0, c, (b,), generator=gen), redundancy=redundancy)
+    if redundancy == "lsmi":
+        case["entropy_1"] = (3.0 * torch.randn(b, generator=gen, dtype=torch.float64)).to(dtype)
+        case["entropy_2"] = (3.0 * torch.randn(b, generator=gen, dtype=torch.float64)).to(dtype)
+    if prior:
+        case["log_prior"] = torch.log_softmax(torch.randn(c, generator=gen, dtype=torch.float64),
+                                              0).to(dtype)
+    return case
+
+
+def _inputs(case):
+    return [k for k in ("logits_1", "logits_2", "logits_12", "entropy_1", "entropy_2")
+            if k in case]
+
+
+def _run_cpp(case, grad_out):
+    """Scores and input gradients of the C++ kernel (through the public op and autograd)."""
+    leaves = {k: case[k].detach().clone().requires_grad_() for k in _inputs(case)}
+    out = dm.ops.interaction_scores(**{**case, **leaves}, backend="cpp")
+    grads = torch.autograd.grad(tuple(out), tuple(leaves.values()), grad_out.unbind(0))
+    return torch.stack(tuple(out)).detach(), dict(zip(leaves, grads))
+
+
+def _run_oracle(case, grad_out):
+    """The same in float64 through the reference, cast back to the case's dtype at the end."""
+    dtype = case["logits_1"].dtype
+    wide = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in case.items()}
+    leaves = {k: wide[k].detach().clone().requires_grad_() for k in _inputs(case)}
+    out = interaction_scores_ref(**{**wide, **leaves})
+    grads = torch.autograd.grad(tuple(out), tuple(leaves.values()), grad_out.double().unbind(0))
+    return (torch.stack(tuple(out)).detach().to(dtype),
+            {k: g.to(dtype) for k, g in zip(leaves, grads)})
+
+
+def _check_against_oracle(case):
+    b = case["labels"].shape[0]
+    dtype = case["logits_1"].dtype
+    grad_out = torch.randn(7, b, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(dtype)
+    scores, grads = _run_cpp(case, grad_out)
+    want_scores, want_grads = _run_oracle(case, grad_out)
+    for i, name in enumerate(FIELDS):
+        torch.testing.assert_close(scores[i], want_scores[i], **_tol(dtype),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], **_tol(dtype),
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", CLASS_COUNTS)
+def test_class_count_boundaries(c, dtype):
+    _require_cpp()
+    _check_against_oracle(_case(65, c, dtype, prior=c % 2 == 1, seed=c))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", (9, 33))
+@pytest.mark.parametrize("b", BATCH_SIZES)
+def test_tile_boundaries(b, c, dtype):
+    _require_cpp()
+    _check_against_oracle(_case(b, c, dtype, redundancy="mmi" if b % 2 else "lsmi", seed=b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", (9, 33, 2049))
+def test_minus_infinity_off_label_gets_zero_gradient(c, dtype):
+    """-inf logits (masked classes) add nothing to the softmax and get an exact zero gradient."""
+    _require_cpp()
+    case = _case(70, c, dtype, seed=3)
+    cols = [0, c // 2, c - 1]
+    labels = case["labels"].clone()
+    labels[torch.isin(labels, torch.tensor(cols))] = 1  # the label logit stays finite
+    case["labels"] = labels
+    for k in ("logits_1", "logits_12"):
+        case[k][:, cols] = float("-inf")
+    _check_against_oracle(case)
+    grad_out = torch.ones(7, 70, dtype=dtype)
+    _, grads = _run_cpp(case, grad_out)
+    assert (grads["logits_1"][:, cols] == 0).all()
+
+
+# (C, column of the NaN): in the vector body and in the ragged tail of each path; 2049 puts the
+# tail in a second log-sum-exp chunk.
+NAN_SPOTS = [(9, 2), (9, 8), (33, 3), (33, 32), (2049, 100), (2049, 2048)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c, col", NAN_SPOTS)
+def test_nan_off_label_raises_naming_the_logits(c, col, dtype):
+    _require_cpp()
+    case = _case(66, c, dtype, seed=7)
+    row = 65  # the second tile
+    labels = case["labels"].clone()
+    labels[row] = 0 if col != 0 else 1
+    case["labels"] = labels
+    bad = case["logits_2"].clone()
+    bad[row, col] = float("nan")
+    case["logits_2"] = bad
+    with pytest.raises(ValueError, match="logits_2"):
+        dm.ops.interaction_scores(**case, backend="cpp")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", (7, 33, 2049))
+def test_two_threads_equal_one_thread(c, dtype):
+    """Blocks of rows split across threads give bit-identical scores and gradients."""
+    _require_cpp()
+    b = 1000 if c < 100 else 130
+    case = _case(b, c, dtype, prior=True, seed=11)
+    grad_out = torch.randn(7, b, generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_cpp(case, grad_out)
+        torch.set_num_threads(2)
+        two = _run_cpp(case, grad_out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0])
+    for name in one[1]:
+        assert torch.equal(one[1][name], two[1][name]), name
+    _check_against_oracle(case)
