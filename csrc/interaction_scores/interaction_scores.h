@@ -51,6 +51,23 @@ Sizes check_backward_args(const at::Tensor& grad_scores, const at::Tensor& score
                           const std::optional<at::Tensor>& entropy_2, int64_t redundancy,
                           c10::DeviceType device_type);
 
+// Optional tensor arguments, as the kernels take them.
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The tensor's data, or null when absent.
+template <typename T>
+inline const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return has(t) ? t->data_ptr<T>() : nullptr;
+}
+
+// A contiguous copy (or the tensor itself) when present and `use`d, else absent.
+inline std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>& t, bool use) {
+  if (!use || !has(t)) {
+    return std::nullopt;
+  }
+  return t->contiguous();
+}
+
 // min(a, b) that takes `a` on ties; the gradient follows the chosen argument.
 template <typename T>
 C10_HOST_DEVICE inline T first_min(T a, T b) {

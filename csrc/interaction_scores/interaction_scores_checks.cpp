@@ -76,8 +76,6 @@ void check_entropies(const char* op, const std::optional<at::Tensor>& e1,
   }
 }
 
-bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 }  // namespace
 
 Sizes check_forward_args(const at::Tensor& logits_1, const at::Tensor& logits_2,

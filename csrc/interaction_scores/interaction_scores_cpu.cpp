@@ -161,13 +161,6 @@ void check_labels_in_range(const char* op, const at::Tensor& labels, int64_t n_c
   }
 }
 
-bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-template <typename T>
-const T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return has(t) ? t->data_ptr<T>() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor> interaction_scores_cpu(
     const at::Tensor& logits_1, const at::Tensor& logits_2, const at::Tensor& logits_12,
     const at::Tensor& labels, const std::optional<at::Tensor>& entropy_1,
@@ -180,12 +173,9 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cpu(
   const at::Tensor y = labels.contiguous();
   check_labels_in_range(kForwardName, y, sz.num_classes);
   const bool lsmi = redundancy == kLsmi;
-  const std::optional<at::Tensor> h1 = lsmi ? std::optional<at::Tensor>(entropy_1->contiguous())
-                                            : std::nullopt;
-  const std::optional<at::Tensor> h2 = lsmi ? std::optional<at::Tensor>(entropy_2->contiguous())
-                                            : std::nullopt;
-  const std::optional<at::Tensor> lp =
-      has(log_prior) ? std::optional<at::Tensor>(log_prior->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
+  const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
+  const std::optional<at::Tensor> lp = opt_contiguous(log_prior, true);
   at::Tensor scores = at::empty({sz.batch, kNumScores}, logits_1.options());
   at::Tensor lse = at::empty({sz.batch, kNumRows}, logits_1.options());
   if (sz.batch == 0) {
@@ -222,10 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
   const at::Tensor s = scores.contiguous();
   const at::Tensor m = lse.contiguous();
   const bool lsmi = redundancy == kLsmi;
-  const std::optional<at::Tensor> h1 = lsmi ? std::optional<at::Tensor>(entropy_1->contiguous())
-                                            : std::nullopt;
-  const std::optional<at::Tensor> h2 = lsmi ? std::optional<at::Tensor>(entropy_2->contiguous())
-                                            : std::nullopt;
+  const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
+  const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
   at::Tensor out[kNumRows] = {at::empty_like(l[0]), at::empty_like(l[1]), at::empty_like(l[2])};
   at::Tensor grad_entropy = at::empty({sz.batch, 2}, logits_1.options());
   if (sz.batch > 0) {

@@ -197,18 +197,6 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_backward_kernel(
   }
 }
 
-template <typename T>
-const T* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
-
-std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>& t, bool use) {
-  if (!use || !t.has_value() || !t->defined()) {
-    return std::nullopt;
-  }
-  return t->contiguous();
-}
-
 unsigned int num_blocks(int64_t n_rows) {
   return static_cast<unsigned int>((n_rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
