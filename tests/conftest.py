@@ -46,6 +46,16 @@ def triton_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): the models of the training tests are tiny,
+    and two threads that mostly synchronise on a shared CPU are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from dmil_fast.cli import main
 from dmil_fast.data import make_synthetic
@@ -15,13 +14,7 @@ METRIC_KEYS = ("test_accuracy", "per_class_accuracy", "per_type_accuracy", "syn"
                "world_size", "seconds")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two that synchronise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

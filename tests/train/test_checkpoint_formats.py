@@ -15,12 +15,7 @@ from dmil_fast.train import DMILConfig, FeatureData, Trainer, build_model, load_
 from dmil_fast.train.checkpoint import read_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dmil_fast.data import make_synthetic
-from dmil_fast.train import DMILConfig, FeatureData, Trainer, load_checkpoint
+from dmil_fast.train import DMILConfig, Trainer, load_checkpoint
+from tests.train.toy import separable_data
 from dmil_fast.train.distributed import init_distributed, shutdown
 from dmil_fast.train.sampling import eval_batches, train_batches
 
@@ -36,15 +37,7 @@ def _free_port() -> int:
 
 
 def _data():
-    g = torch.Generator().manual_seed(0)
-    splits = []
-    for size in (90, 33, 31):
-        y = torch.randint(0, 3, (size,), generator=g)
-        x1 = torch.randn(size, 6, generator=g) + y[:, None].float()
-        x2 = torch.randn(size, 6, generator=g) - y[:, None].float()
-        splits.append((x1, x2, y, np.arange(size) % 4))
-    return FeatureData.from_tensors(*splits, num_classes=3,
-                                    type_names=["redundancy", "unique_1", "unique_2", "synergy"])
+    return separable_data((90, 33, 31))
 
 
 def _grads(trainer, positions, data):

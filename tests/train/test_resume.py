@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from dmil_fast.data import make_synthetic
-from dmil_fast.train import DMILConfig, FeatureData, Trainer, load_checkpoint
+from dmil_fast.train import DMILConfig, Trainer, load_checkpoint
+from tests.train.toy import separable_data
 
 TINY = dict(embed_size=4, input_size=8, encoder_hidden=8, encoder_depth=1, batch_size=16,
             stage1_lr=0.05, stage2_lr=0.02, stage3_lr=0.01, lr=0.03, joint_fusion_hidden=4)
@@ -22,25 +22,11 @@ CONFIG = DMILConfig(n_epochs=5, stage1_epochs=2, stage2_epochs=1, encoder_dropou
 COMPARED = ("test_accuracy", "test_loss", "final_train_loss", "best_val_accuracy", "per_type_accuracy", "syn")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two that synchronise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data():
-    g = torch.Generator().manual_seed(0)
-    splits = []
-    for size in (90, 32, 32):  # 90 = 5 full batches of 16 and one of 10 per epoch
-        y = torch.randint(0, 3, (size,), generator=g)
-        x1 = torch.randn(size, 6, generator=g) + y[:, None].float()
-        x2 = torch.randn(size, 6, generator=g) - y[:, None].float()
-        splits.append((x1, x2, y, np.arange(size) % 4))
-    return FeatureData.from_tensors(*splits, num_classes=3,
-                                    type_names=["redundancy", "unique_1", "unique_2", "synergy"])
+    return separable_data((90, 32, 32))  # 90 = 5 full batches of 16 and one of 10 per epoch
 
 
 class Crash(Exception):

@@ -19,13 +19,7 @@ TRAIN = [("1001_DFA_ANG_XX", "ANG"), ("1002_IEO_NEU_LO", "NEU"), ("1003_ITH_SAD_
 TEST = [("1004_TIE_HAP_XX", "HAP"), ("1005_MTI_FEA_XX", "FEA")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared two-core machine one intra-op thread is faster for these small batches."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wav(path, freq, rate=8000, seconds=0.5):

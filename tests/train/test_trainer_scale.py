@@ -16,12 +16,7 @@ SMALL = dict(embed_size=8, input_size=16, encoder_hidden=16, encoder_depth=1, ba
 COMPARED = ("test_accuracy", "test_loss", "final_train_loss", "best_val_accuracy", "per_type_accuracy")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
