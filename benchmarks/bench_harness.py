@@ -16,10 +16,13 @@ import functools
 import importlib
 import math
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
+
+#: The mark of the cases the performance targets are judged on (``-m target``).
+TARGET = pytest.mark.target
 
 #: Op-level providers, side by side in one run.
 OP_PROVIDERS = ("reference", "compile", "triton", "cuda", "cpp")
@@ -31,7 +34,8 @@ CPU_COMPILE_FWD_ONLY_REASON = (
 L2_FLUSH_BYTES = 256 * 2**20
 #: Largest (rows x width) operand of the GPU grids: 2**29 elements (2 GiB in float32).
 GPU_ELEMENT_CAP = 2**29
-GPU_ROWS = (256, 4096, 65536, 2**20)
+LARGE_ROWS = 2**20
+GPU_ROWS = (256, 4096, 65536, LARGE_ROWS)
 MODES = ("fwd", "fwd+bwd")
 
 # Round budgets (seconds of timed work per benchmark, before the min/max clamps).
@@ -69,10 +73,22 @@ def gpu_grid(widths: Sequence[int], rows: Sequence[int] = GPU_ROWS,
     return [(b, w) for b in rows for w in widths if b * w <= cap]
 
 
+def target_marks(device: str, shape, targets: Dict[str, Collection]) -> Tuple:
+    """``(pytest.mark.target,)`` when ``shape`` is one of ``targets[device]``, else ``()``.
+
+    The ``target`` cases are those the performance targets are judged on (bench_targets.py):
+    ``pytest benchmarks -m target`` runs only them, which fits one GPU call of a few minutes where
+    the full grid compiles hundreds of graphs.
+    """
+    return (TARGET,) if shape in targets.get(device, ()) else ()
+
+
 def op_cases(cpu_shapes: Sequence[Tuple[int, int]], gpu_shapes: Sequence[Tuple[int, int]],
              *, width_name: str, modes: Sequence[str] = MODES,
-             providers: Sequence[str] = OP_PROVIDERS) -> List:
-    """pytest params (mode, device, dtype, shape, provider) over every device of this machine."""
+             providers: Sequence[str] = OP_PROVIDERS,
+             targets: Optional[Dict[str, Collection[Tuple[int, int]]]] = None) -> List:
+    """pytest params (mode, device, dtype, shape, provider) over every device of this machine;
+    the shapes in ``targets`` (``{"cpu": [...], "cuda": [...]}``) carry the ``target`` mark."""
     out = []
     for mode in modes:
         for device in devices():
@@ -82,6 +98,7 @@ def op_cases(cpu_shapes: Sequence[Tuple[int, int]], gpu_shapes: Sequence[Tuple[i
                     for provider in providers:
                         out.append(pytest.param(
                             mode, device, dtype, (b, w), provider,
+                            marks=target_marks(device, (b, w), targets or {}),
                             id=f"{mode}-{device}-{dtype_name(dtype)}-B{b}x{width_name}{w}-{provider}"))
     return out
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench_harness import (assert_finite, compiled, devices, label, measure, need, record, release_flush_buffer,
-                           synchronize)
+                           synchronize, target_marks)
 
 OP = "dmil_step"
 FEATURES = 512
@@ -24,6 +24,8 @@ NUM_CLASSES = 309
 PROVIDERS = ("reference", "compile", "dmil_fast")
 CPU_CASES = [(64, 32, "identity")]  # (B, E, encoder)
 GPU_CASES = [(b, e, "identity") for b in (256, 4096) for e in (32, 256)] + [(4096, 256, "mlp")]
+#: The cases the training-step targets are judged on (bench_targets.py).
+TARGETS = {"cuda": [(4096, 256, "identity")]}
 CPU_COMPILE_REASON = ("torch.compile of a whole DMIL training step takes minutes on CPU (over the CPU "
                       "smoke budget); the CUDA run measures it")
 
@@ -35,6 +37,7 @@ def _cases():
             for stage in (1, 2, 3):
                 for provider in PROVIDERS:
                     out.append(pytest.param(device, b, e, encoder, stage, provider,
+                                            marks=target_marks(device, (b, e, encoder), TARGETS),
                                             id=f"{device}-B{b}-E{e}-{encoder}-stage{stage}-{provider}"))
     return out
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_harness import (assert_finite, call_memory_mb, compiled, element_size, gpu_grid, label, measure, need,
+from bench_harness import (LARGE_ROWS, assert_finite, call_memory_mb, compiled, element_size, gpu_grid, label, measure, need,
                            op_cases, record, skip_compiled_backward_on_cpu, skip_unless_available)
 
 OP = "gaussian_sample"
 CPU_SHAPES = [(4096, 32)]
 GPU_SHAPES = gpu_grid(widths=(32, 256, 1024))
+#: The case the copy-bandwidth target is judged on (bench_targets.py).
+TARGETS = {"cuda": [(LARGE_ROWS, 256)]}
 
 
 def _sampler(provider: str):
@@ -29,7 +31,7 @@ def _sampler(provider: str):
 
 
 @pytest.mark.parametrize("mode, device, dtype, shape, provider",
-                         op_cases(CPU_SHAPES, GPU_SHAPES, width_name="E"))
+                         op_cases(CPU_SHAPES, GPU_SHAPES, width_name="E", targets=TARGETS))
 def test_bench_gaussian_sample(benchmark, copy_bandwidth, mode, device, dtype, shape, provider):
     skip_unless_available(OP, provider, device, dtype)
     skip_compiled_backward_on_cpu(provider, device, mode)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_harness import (assert_finite, call_memory_mb, devices, label, measure, need, record,
+from bench_harness import (TARGET, assert_finite, call_memory_mb, devices, label, measure, need, record,
                            skip_unless_available)
 
 OP = "lsmi_score"
@@ -23,7 +23,9 @@ SIZES = {"cpu": (4096, 1024, 64, 309, 1024), "cuda": (200_000, 20_000, 512, 309,
 
 
 def _cases():
-    return [pytest.param(device, provider, id=f"{device}-{provider}") for device in devices() for provider in PROVIDERS]
+    # The GPU cases are target cases (bench_targets.py): the 200k-sample scoring.
+    return [pytest.param(device, provider, marks=(TARGET,) if device == "cuda" else (),
+                         id=f"{device}-{provider}") for device in devices() for provider in PROVIDERS]
 
 
 def _features(n: int, dim: int, num_classes: int, device: str):

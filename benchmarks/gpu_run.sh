@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA device, in one run of under 10 minutes on one GPU:
+#   build    the extension with its CUDA kernels (pip install --no-build-isolation --no-deps -e .)
+#   tests    the test suite on the GPU (pytest-xdist when installed)
+#   bench    the target benchmarks (`pytest benchmarks -m target`): the ops, then the DMIL step and
+#            LSMI scoring, each saving its results JSON; then bench_targets.py judges them
+#
+#   bash benchmarks/gpu_run.sh OUT_DIR [build] [tests] [bench]     (default: all three, in order)
+#
+# OUT_DIR receives at most seven files: build.log, info.txt, tests.log, bench-ops.log,
+# bench-step.log, the results JSON files and targets.md. Each phase has its own time limit
+# (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S); pytest is stopped with
+# SIGINT, so a benchmark phase cut short still saves what it timed. Exit status: the number of
+# phases that failed (0: all passed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [build] [tests] [bench]}
+shift
+phases=${*:-build tests bench}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+failed=0
+start=$(date +%s)
+
+say() { echo "[gpu_run +$(( $(date +%s) - start ))s] $*"; }
+
+# timeout with SIGINT first (pytest then writes its session-end files), SIGKILL 30 s later.
+limited() { local seconds=$1; shift; timeout -s INT -k 30 "$seconds" "$@"; }
+
+phase_failed() { say "FAILED: $1"; failed=$(( failed + 1 )); }
+
+# A pytest phase: exit status 5 (nothing selected) is a failure too, said as such.
+pytest_phase() {
+    local name=$1 seconds=$2 log=$3; shift 3
+    limited "$seconds" "$py" -m pytest "$@" >"$log" 2>&1
+    local rc=$?
+    if [ "$rc" -eq 5 ]; then
+        phase_failed "$name: no test selected (no CUDA device visible?)"
+    elif [ "$rc" -ne 0 ]; then
+        phase_failed "$name (pytest exit status $rc; 124: stopped at its time limit)"
+    fi
+}
+
+for phase in $phases; do
+    case "$phase" in
+    build)
+        say "build"
+        if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} limited "${GPU_RUN_BUILD_S:-240}" \
+                "$py" -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+            tail -n 30 "$out/build.log"
+            phase_failed build
+        fi
+        { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+          "$py" -m dmil_fast.info 2>&1; } >"$out/info.txt"
+        grep -E "cuda|triton|torch" "$out/info.txt" | head -n 12
+        ;;
+    tests)
+        say "tests"
+        xdist=()
+        if "$py" -c "import xdist" 2>/dev/null; then xdist=(-n "${GPU_RUN_WORKERS:-8}"); fi
+        pytest_phase tests "${GPU_RUN_TESTS_S:-180}" "$out/tests.log" -q -p no:cacheprovider "${xdist[@]}" tests
+        tail -n 15 "$out/tests.log"
+        ;;
+    bench)
+        say "bench: ops"
+        pytest_phase "bench ops" "${GPU_RUN_OPS_S:-180}" "$out/bench-ops.log" benchmarks -m target -q \
+            -p no:cacheprovider --ignore=benchmarks/test_bench_dmil_step.py \
+            --ignore=benchmarks/test_bench_lsmi.py --bench-save --bench-results-dir "$out"
+        tail -n 5 "$out/bench-ops.log"
+        say "bench: DMIL step and LSMI"
+        pytest_phase "bench step" "${GPU_RUN_STEP_S:-150}" "$out/bench-step.log" \
+            benchmarks/test_bench_dmil_step.py benchmarks/test_bench_lsmi.py -m target -q \
+            -p no:cacheprovider --bench-save --bench-results-dir "$out"
+        tail -n 5 "$out/bench-step.log"
+        if compgen -G "$out/*.json" >/dev/null; then
+            "$py" benchmarks/bench_targets.py "$out"/*.json >"$out/targets.md" 2>&1 || phase_failed targets
+            cat "$out/targets.md"
+        else
+            phase_failed "bench (no results JSON was written)"
+        fi
+        ;;
+    *)
+        echo "error: unknown phase '$phase' (expected build, tests or bench)" >&2
+        exit 64
+        ;;
+    esac
+done
+say "done; $failed phase(s) failed"
+exit "$failed"
