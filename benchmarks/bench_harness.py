@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 import time
 from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -26,7 +27,8 @@ TARGET = pytest.mark.target
 
 #: Op-level providers, side by side in one run.
 OP_PROVIDERS = ("reference", "compile", "triton", "cuda", "cpp")
-TRITON_CPU_REASON = "Triton runs only under the interpreter on CPU"
+TRITON_CPU_REASON = ("Triton runs only under its interpreter on CPU: timed runs leave it out, an untimed "
+                     "run (--benchmark-disable, TRITON_INTERPRET=1) calls it once")
 CPU_COMPILE_FWD_ONLY_REASON = (
     "on CPU torch.compile is measured for the forward only (each compiled backward costs seconds of "
     "compile time in the CPU smoke run); the CUDA run measures forward+backward")
@@ -116,12 +118,18 @@ def need(module: str, attr: Optional[str] = None):
         pytest.skip(f"{what} is not available ({type(exc).__name__}: {exc})")
 
 
-def provider_skip_reason(op_name: str, provider: str, device: str, dtype: torch.dtype) -> Optional[str]:
+def provider_skip_reason(op_name: str, provider: str, device: str, dtype: torch.dtype, *,
+                         untimed: bool = False) -> Optional[str]:
     """Why ``provider`` cannot run op ``op_name`` on (device, dtype), from the ops' own dispatch
-    table (``dmil_fast.ops._dispatch``); ``None`` when it can."""
+    table (``dmil_fast.ops._dispatch``); ``None`` when it can.
+
+    On the CPU the Triton provider runs only ``untimed`` and under the interpreter: a smoke call of
+    the glue the GPU run times (kernel signatures, launch arguments), never a timing.
+    """
     if provider in ("reference", "compile"):
         return None
-    if provider == "triton" and device == "cpu":
+    if provider == "triton" and device == "cpu" and not (
+            untimed and os.environ.get("TRITON_INTERPRET") == "1"):
         return TRITON_CPU_REASON
     dispatch = need("dmil_fast.ops._dispatch")
     need("dmil_fast.ops")  # importing the ops registers their capability tables
@@ -134,8 +142,11 @@ def provider_skip_reason(op_name: str, provider: str, device: str, dtype: torch.
     return check(torch.device(device), dtype)
 
 
-def skip_unless_available(op_name: str, provider: str, device: str, dtype: torch.dtype) -> None:
-    reason = provider_skip_reason(op_name, provider, device, dtype)
+def skip_unless_available(op_name: str, provider: str, device: str, dtype: torch.dtype,
+                          benchmark=None) -> None:
+    """Skip, with the reason, unless ``provider`` runs here (``benchmark``: whether it is timed)."""
+    untimed = bool(getattr(benchmark, "disabled", False))
+    reason = provider_skip_reason(op_name, provider, device, dtype, untimed=untimed)
     if reason is not None:
         pytest.skip(f"{provider}: {reason}")
 

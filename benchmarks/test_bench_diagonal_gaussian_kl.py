@@ -32,7 +32,7 @@ def _kl(provider: str):
 @pytest.mark.parametrize("mode, device, dtype, shape, provider",
                          op_cases(CPU_SHAPES, GPU_SHAPES, width_name="E", targets=TARGETS))
 def test_bench_diagonal_gaussian_kl(benchmark, copy_bandwidth, mode, device, dtype, shape, provider):
-    skip_unless_available(OP, provider, device, dtype)
+    skip_unless_available(OP, provider, device, dtype, benchmark)
     skip_compiled_backward_on_cpu(provider, device, mode)
     b, e = shape
     label(benchmark, op=OP, variant=mode, provider=provider, shape=f"B={b} E={e}", dtype=dtype, device=device)

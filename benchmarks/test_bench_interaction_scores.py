@@ -41,7 +41,7 @@ def _bytes(b: int, c: int, s: int, backward: bool) -> int:
 @pytest.mark.parametrize("mode, device, dtype, shape, provider",
                          op_cases(CPU_SHAPES, GPU_SHAPES, width_name="C", targets=TARGETS))
 def test_bench_interaction_scores(benchmark, copy_bandwidth, mode, device, dtype, shape, provider):
-    skip_unless_available(OP, provider, device, dtype)
+    skip_unless_available(OP, provider, device, dtype, benchmark)
     skip_compiled_backward_on_cpu(provider, device, mode)
     if provider == "compile" and device == "cpu" and shape != CPU_COMPILE_SHAPE:
         pytest.skip(f"on CPU torch.compile is measured at one shape, B={CPU_COMPILE_SHAPE[0]} "

@@ -39,7 +39,7 @@ def _features(n: int, dim: int, num_classes: int, device: str):
 
 @pytest.mark.parametrize("device, provider", _cases())
 def test_bench_lsmi_score(benchmark, monkeypatch, device, provider):
-    skip_unless_available("interaction_scores", provider, device, torch.float32)
+    skip_unless_available("interaction_scores", provider, device, torch.float32, benchmark)
     estimator_cls = need("dmil_fast.interactions", "LSMIEstimator")
     n, n_fit, dim, classes, batch = SIZES[device]
     label(benchmark, op=OP, variant="score", provider=provider, shape=f"N={n} D={dim} C={classes}",

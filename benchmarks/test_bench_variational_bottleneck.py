@@ -71,7 +71,7 @@ def _head_fn(provider: str, grouped: bool):
 
 
 def _prepare(benchmark, variant, mode, device, dtype, shape, provider):
-    skip_unless_available(OP, provider, device, dtype)
+    skip_unless_available(OP, provider, device, dtype, benchmark)
     skip_compiled_backward_on_cpu(provider, device, mode)
     b, e = shape
     label(benchmark, op=OP, variant=f"{variant} {mode}", provider=provider, shape=f"B={b} E={e}",
