@@ -4,9 +4,11 @@
 // every row's maximum and sum of exp(x - max):
 // - few classes (C <= kSmallCols): the tile is transposed into a (C, kTile) buffer, so that the
 //   lanes of a vector hold different samples and every loop runs over whole vectors;
-// - more classes: row by row along the columns, an online log-sum-exp over L1-sized chunks (a max
-//   loop, then a sum loop that prefetches the next row for the next max loop), the ragged end of a
-//   row read as one vector overlapping the last one.
+// - more classes: row by row along the columns, a log-sum-exp over chunks of up to kChunk
+//   columns in one pass each: exp(x - shift) summed under a shift taken from the row's first
+//   vector while the chunk's maximum is taken alongside, and the chunk summed again under that
+//   maximum only when it lies far above the shift; the loop prefetches the next row, and the
+//   ragged end of a row is read as one vector overlapping the last one.
 // The logs of the tile's 3 kTile sums are taken in one vector loop, then each sample is finished
 // (label logit, prior, decomposition). The backward writes -g exp(x - lse) over the rows, for few
 // classes over a whole tile as one flat array, then adds g at the label.
@@ -46,7 +48,7 @@ constexpr int64_t kTile = 64;  // samples per tile
 // flat array (measured crossover with the row loops: ~32 to 48 classes).
 constexpr int64_t kSmallCols = 32;
 constexpr int64_t kFlatCols = 32;
-constexpr int64_t kChunk = 2048;  // columns per online log-sum-exp step: stays in L1
+constexpr int64_t kChunk = 2048;  // columns per log-sum-exp step: a re-summed chunk stays in L1
 static_assert(kSmallCols >= 8 && kFlatCols >= 8, "the row loops need rows of >= 8 columns");
 
 template <typename T>

@@ -2,7 +2,7 @@
 
 The kernel takes samples in tiles of 64; up to 32 classes it transposes a tile (forward) or takes
 it as one flat array (backward), above that it walks each row in 8-float vectors with a ragged last
-vector, over online log-sum-exp chunks of 2048 columns. The class counts and batch sizes below sit
+vector, over log-sum-exp chunks of 2048 columns summed under a shift from the row's first vector. The class counts and batch sizes below sit
 at and around each of those boundaries; float64 runs the scalar build of the same kernels.
 """
 
@@ -159,4 +159,50 @@ def test_two_threads_equal_one_thread(c, dtype):
     assert torch.equal(one[0], two[0])
     for name in one[1]:
         assert torch.equal(one[1][name], two[1][name]), name
+    _check_against_oracle(case)
+
+
+# Rows of more than 32 classes are summed under a shift: the maximum of the row's first vector
+# (8 floats; 1 double), kept while no chunk's maximum lies more than 64 above it, else the chunk is
+# summed again under its maximum. (C, column of a bump, its height above the row's logits): a
+# bump past the first vector, in the ragged tail, in a later chunk; just under the threshold
+# (terms up to e^60 kept) and well over it (the chunk summed again, the running sum rescaled).
+BUMPS = [(40, 20, 60.0), (40, 39, 100.0), (2049, 2048, 100.0), (4100, 3000, 100.0),
+         (4100, 3000, 60.0), (4100, 4099, 100.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c, col, height", BUMPS)
+def test_row_maximum_far_above_the_first_vector(c, col, height, dtype):
+    _require_cpp()
+    case = _case(70, c, dtype, prior=True, seed=col)
+    bumped = torch.arange(70) % 3 != 0  # the other rows keep the first shift
+    for k in ("logits_1", "logits_12"):
+        case[k][bumped, col] += height
+    _check_against_oracle(case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", (40, 2049))
+def test_first_vector_of_minus_infinity(c, dtype):
+    """A row whose first vector holds no number above -inf takes each chunk's maximum first."""
+    _require_cpp()
+    case = _case(70, c, dtype, seed=5)
+    labels = case["labels"].clone()
+    labels[labels < 8] = 8  # the label logit stays finite
+    case["labels"] = labels
+    case["logits_2"][:, :8] = float("-inf")
+    _check_against_oracle(case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", (-300.0, 300.0))
+def test_logits_far_from_zero(offset, dtype):
+    """x - shift stays exact for logits away from zero (the shift is one of the row's values).
+    Not much farther in float32: the saved log-sum-exp is one float, and at 1e4 its rounding
+    (5e-4) alone exceeds the tolerance of the gradients exp(x - lse)."""
+    _require_cpp()
+    case = _case(70, 309, dtype, seed=9)
+    for k in ("logits_1", "logits_2", "logits_12"):
+        case[k] += offset
     _check_against_oracle(case)
