@@ -42,7 +42,7 @@ MODES = ("fwd", "fwd+bwd")
 
 # Round budgets (seconds of timed work per benchmark, before the min/max clamps).
 _GPU_BUDGET_S, _GPU_MIN_ROUNDS, _GPU_MAX_ROUNDS = 0.25, 10, 200
-_CPU_BUDGET_S, _CPU_MIN_ROUNDS, _CPU_MAX_ROUNDS = 0.2, 3, 15
+_CPU_BUDGET_S, _CPU_MIN_ROUNDS, _CPU_MAX_ROUNDS = 0.5, 5, 31
 _CPU_MIN_ROUND_S = 2e-3  # a CPU round loops the function until it lasts at least this long
 
 
@@ -199,12 +199,16 @@ def measure(benchmark, fn: Callable[[], object], device: str, *, warmup: int = 2
     """Time ``fn`` with pytest-benchmark and return its last result.
 
     CUDA: one call per round, an L2 flush before each (untimed), the synchronisation inside the
-    timed call. CPU: rounds of several calls when one is shorter than 2 ms. With
-    ``--benchmark-disable`` the function runs once, untimed.
+    timed call. CPU: rounds of several calls when one is shorter than 2 ms. Each call's result is
+    dropped before the next call. With ``--benchmark-disable`` the function runs once, untimed.
     """
     last: List[object] = [None]
 
     def timed():
+        # The previous result is released first: one result alive at a time, as in a loop that
+        # consumes each one, so the allocator can hand its memory to the next call (else two
+        # generations of outputs alternate, and on the CPU every other call page-faults fresh ones).
+        last[0] = None
         last[0] = fn()
         synchronize(device)
 
