@@ -10,8 +10,9 @@
 # OUT_DIR receives at most seven files: build.log, info.txt, tests.log, bench-ops.log,
 # bench-step.log, the results JSON files and targets.md. Each phase has its own time limit
 # (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S); pytest is stopped with
-# SIGINT, so a benchmark phase cut short still saves what it timed. Exit status: the number of
-# phases that failed (0: all passed).
+# SIGINT, so a benchmark phase cut short still saves what it timed. GPU_RUN_PYTEST_ARGS (split on
+# spaces) is added to both benchmark sessions, e.g. "-k bfloat16" for a slice. Exit status: the
+# number of phases that failed (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [build] [tests] [bench]}
@@ -20,6 +21,7 @@ phases=${*:-build tests bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+read -r -a extra <<<"${GPU_RUN_PYTEST_ARGS:-}"
 failed=0
 start=$(date +%s)
 
@@ -66,12 +68,12 @@ for phase in $phases; do
         say "bench: ops"
         pytest_phase "bench ops" "${GPU_RUN_OPS_S:-180}" "$out/bench-ops.log" benchmarks -m target -q \
             -p no:cacheprovider --ignore=benchmarks/test_bench_dmil_step.py \
-            --ignore=benchmarks/test_bench_lsmi.py --bench-save --bench-results-dir "$out"
+            --ignore=benchmarks/test_bench_lsmi.py --bench-save --bench-results-dir "$out" "${extra[@]}"
         tail -n 5 "$out/bench-ops.log"
         say "bench: DMIL step and LSMI"
         pytest_phase "bench step" "${GPU_RUN_STEP_S:-150}" "$out/bench-step.log" \
             benchmarks/test_bench_dmil_step.py benchmarks/test_bench_lsmi.py -m target -q \
-            -p no:cacheprovider --bench-save --bench-results-dir "$out"
+            -p no:cacheprovider --bench-save --bench-results-dir "$out" "${extra[@]}"
         tail -n 5 "$out/bench-step.log"
         if compgen -G "$out/*.json" >/dev/null; then
             "$py" benchmarks/bench_targets.py "$out"/*.json >"$out/targets.md" 2>&1 || phase_failed targets
