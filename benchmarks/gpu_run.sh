@@ -9,7 +9,8 @@
 #
 # OUT_DIR receives at most seven files: build.log, info.txt, tests.log, bench-ops.log,
 # bench-step.log, the results JSON files and targets.md. Each phase has its own time limit
-# (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S); pytest is stopped with
+# (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S), and none runs past the
+# deadline of the whole run (GPU_RUN_TOTAL_S, 540 s after the start): pytest is stopped with
 # SIGINT, so a benchmark phase cut short still saves what it timed. GPU_RUN_PYTEST_ARGS (split on
 # spaces) is added to both benchmark sessions, e.g. "-k bfloat16" for a slice. Exit status: the
 # number of phases that failed (0: all passed).
@@ -27,8 +28,21 @@ start=$(date +%s)
 
 say() { echo "[gpu_run +$(( $(date +%s) - start ))s] $*"; }
 
-# timeout with SIGINT first (pytest then writes its session-end files), SIGKILL 30 s later.
-limited() { local seconds=$1; shift; timeout -s INT -k 30 "$seconds" "$@"; }
+deadline=$(( start + ${GPU_RUN_TOTAL_S:-540} ))
+
+# A command under its phase limit and the run's deadline (15 s kept back for the SIGINT grace):
+# SIGINT first (pytest then writes its session-end files), SIGKILL 15 s later; 124 when stopped,
+# or at once when the deadline leaves no time.
+limited() {
+    local seconds=$1 left=$(( deadline - $(date +%s) - 15 ))
+    shift
+    if [ "$left" -lt "$seconds" ]; then seconds=$left; fi
+    if [ "$seconds" -lt 10 ]; then
+        say "no time left before the deadline (GPU_RUN_TOTAL_S): not started"
+        return 124
+    fi
+    timeout -s INT -k 15 "$seconds" "$@"
+}
 
 phase_failed() { say "FAILED: $1"; failed=$(( failed + 1 )); }
 
@@ -61,7 +75,7 @@ for phase in $phases; do
         say "tests"
         xdist=()
         if "$py" -c "import xdist" 2>/dev/null; then xdist=(-n "${GPU_RUN_WORKERS:-8}"); fi
-        pytest_phase tests "${GPU_RUN_TESTS_S:-180}" "$out/tests.log" -q -p no:cacheprovider "${xdist[@]}" tests
+        pytest_phase tests "${GPU_RUN_TESTS_S:-150}" "$out/tests.log" -q -p no:cacheprovider "${xdist[@]}" tests
         tail -n 15 "$out/tests.log"
         ;;
     bench)
@@ -71,7 +85,7 @@ for phase in $phases; do
             --ignore=benchmarks/test_bench_lsmi.py --bench-save --bench-results-dir "$out" "${extra[@]}"
         tail -n 5 "$out/bench-ops.log"
         say "bench: DMIL step and LSMI"
-        pytest_phase "bench step" "${GPU_RUN_STEP_S:-150}" "$out/bench-step.log" \
+        pytest_phase "bench step" "${GPU_RUN_STEP_S:-180}" "$out/bench-step.log" \
             benchmarks/test_bench_dmil_step.py benchmarks/test_bench_lsmi.py -m target -q \
             -p no:cacheprovider --bench-save --bench-results-dir "$out" "${extra[@]}"
         tail -n 5 "$out/bench-step.log"
