@@ -162,13 +162,14 @@ def test_two_threads_equal_one_thread(c, dtype):
     _check_against_oracle(case)
 
 
-# Rows of more than 32 classes are summed under a shift: the maximum of the row's first vector
-# (8 floats; 1 double), kept while no chunk's maximum lies more than 64 above it, else the chunk is
-# summed again under its maximum. (C, column of a bump, its height above the row's logits): a
-# bump past the first vector, in the ragged tail, in a later chunk; just under the threshold
-# (terms up to e^60 kept) and well over it (the chunk summed again, the running sum rescaled).
-BUMPS = [(40, 20, 60.0), (40, 39, 100.0), (2049, 2048, 100.0), (4100, 3000, 100.0),
-         (4100, 3000, 60.0), (4100, 4099, 100.0)]
+# Rows of more than 32 classes are summed under a shift: the larger of the maximum of the row's
+# first vector (8 floats; 1 double) and the label's logit, kept while no chunk's maximum lies more
+# than 8 above it, else the chunk is summed again under its maximum. (C, column of a bump, its
+# height above the row's logits): a bump past the first vector, in the ragged tail, in a later
+# chunk; just under the threshold and well over it (the chunk summed again, the running sum
+# rescaled).
+BUMPS = [(40, 20, 7.5), (40, 39, 100.0), (2049, 2048, 100.0), (4100, 3000, 100.0),
+         (4100, 3000, 7.5), (4100, 4099, 100.0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -206,3 +207,31 @@ def test_logits_far_from_zero(offset, dtype):
     for k in ("logits_1", "logits_2", "logits_12"):
         case[k] += offset
     _check_against_oracle(case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c", (40, 2049))
+def test_label_logit_far_above_the_first_vector(c, dtype):
+    """The label's logit as the shift: a right, confident classifier's row needs no second pass,
+    and keeps the accuracy of a sum under the maximum."""
+    _require_cpp()
+    case = _case(70, c, dtype, seed=c + 1)
+    labels = case["labels"].clone()
+    labels[labels < 8] = 8
+    case["labels"] = labels
+    for k in ("logits_1", "logits_2", "logits_12"):
+        case[k][torch.arange(70), labels] += 60.0
+    _check_against_oracle(case)
+
+
+def test_gap_check_survives_rounding_of_huge_logits():
+    """Logits of 2^30 + 128 (float32 steps of 128 there): shift + 8 rounds to the shift itself, and
+    a chunk maximum one step above the shift is still summed again, not taken as within reach."""
+    _require_cpp()
+    x = torch.full((1, 40), 2.0**30 + 128)
+    x[0, 20] += 128
+    y = torch.tensor([3])  # not the maximum: the shift stays the first vector's
+    got = dm.ops.interaction_scores(x, x, x, y, redundancy="mmi", backend="cpp").pmi_1
+    xd = x.double()
+    want = interaction_scores_ref(xd, xd, xd, y, redundancy="mmi").pmi_1
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
