@@ -7,7 +7,7 @@
 #
 #   bash benchmarks/gpu_run.sh OUT_DIR [build] [tests] [bench]     (default: all three, in order)
 #
-# OUT_DIR receives at most seven files: build.log, info.txt, tests.log, bench-ops.log,
+# OUT_DIR receives at most eight files: build.log, info.txt, tests.log, bench-ops.log,
 # bench-step.log, the results JSON files and targets.md. Each phase has its own time limit
 # (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S), and none runs past the
 # deadline of the whole run (GPU_RUN_TOTAL_S, 540 s after the start): pytest is stopped with
