@@ -79,7 +79,7 @@ def target_marks(device: str, shape, targets: Dict[str, Collection]) -> Tuple:
     """``(pytest.mark.target,)`` when ``shape`` is one of ``targets[device]``, else ``()``.
 
     The ``target`` cases are those the performance targets are judged on (bench_targets.py):
-    ``pytest benchmarks -m target`` runs only them, which fits one GPU call of a few minutes where
+    ``pytest benchmarks -m target`` runs only them, which fits one GPU run of a few minutes where
     the full grid compiles hundreds of graphs.
     """
     return (TARGET,) if shape in targets.get(device, ()) else ()
