@@ -14,6 +14,17 @@ import os
 from setuptools import setup
 
 
+# Compiler flags, module-level so that tests/ops/test_gpu_compile.py compiles the CUDA sources with
+# exactly these on machines that cannot build the CUDA extension itself.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2", "/std:c++17"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+INCLUDE_DIR = "csrc"
+
+
+def cu_sources():
+    return sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+
+
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -26,7 +37,7 @@ def _extensions():
 
     root = os.path.dirname(os.path.abspath(__file__))
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    cuda_sources = cu_sources()
     with_cuda = (
         not _flag("DMIL_FAST_NO_CUDA")
         and torch.version.cuda is not None
@@ -34,19 +45,18 @@ def _extensions():
         and (torch.cuda.is_available() or _flag("DMIL_FAST_FORCE_CUDA"))
     )
     define_macros = []
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2", "/std:c++17"]
     extra_link = ["-fopenmp"] if os.name != "nt" else []
-    include_dirs = [os.path.join(root, "csrc")]
+    include_dirs = [os.path.join(root, INCLUDE_DIR)]
     if with_cuda:
         define_macros.append(("DMIL_FAST_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "dmil_fast._C",
-            cpp_sources + cu_sources,
+            cpp_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={
-                "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "cxx": CXX_FLAGS,
+                "nvcc": NVCC_FLAGS,
             },
             extra_link_args=extra_link,
         )
@@ -56,12 +66,13 @@ def _extensions():
             cpp_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": CXX_FLAGS},
             extra_link_args=extra_link,
         )
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
     return [ext], cmdclass
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests only read the flags
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -10,7 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // the stream alone: no cuBLAS/cuSPARSE headers needed
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cuda(
   if (sz.batch == 0) {
     return {scores, lse};
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, logits_1.scalar_type(),
       "interaction_scores_cuda", [&] {
@@ -267,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
   if (sz.batch == 0) {
     return {grad_1, grad_2, grad_12, grad_entropy};
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, logits_1.scalar_type(),
       "interaction_scores_backward_cuda", [&] {
