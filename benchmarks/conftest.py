@@ -9,20 +9,14 @@ the ratio summary printed at the end.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
+# On a CPU-only machine the project root's conftest.py has set TRITON_INTERPRET=1 (Triton kernels
+# run under the interpreter); only untimed runs call them (bench_harness.provider_skip_reason).
+import pytest
 
-if not torch.cuda.is_available():
-    # As in tests/: Triton kernels run under the interpreter on a CPU-only machine (set before
-    # triton is imported); only untimed runs call them (bench_harness.provider_skip_reason).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from bench_harness import copy_bandwidth_gbps  # noqa: E402
-from bench_report import RESULTS  # noqa: E402
+from bench_harness import copy_bandwidth_gbps
+from bench_report import RESULTS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _JSON_PATH = pytest.StashKey[Path]()

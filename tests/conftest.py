@@ -1,20 +1,16 @@
 """Test configuration shared by every test module.
 
-- On a machine without a GPU the Triton kernels run under Triton's CPU interpreter
-  (TRITON_INTERPRET=1 must be set before triton is imported), so kernel tests are never skipped.
+- On a machine without a GPU the Triton kernels run under Triton's CPU interpreter (set in the
+  project root's conftest.py, before triton is imported), so kernel tests are never skipped.
 - Hypothesis: a small derandomized "ci" profile (the default) and a larger "dev" profile
   (HYPOTHESIS_PROFILE=dev).
 """
 
 import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",
