@@ -1,0 +1,74 @@
+"""benchmarks/activation_memory.py: the count of what a graph keeps for the backward, on graphs
+whose saved tensors are known from autograd's formulas, and its command line at a tiny size."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import activation_memory as am  # noqa: E402
+
+B, D, H = 8, 5, 6
+F32 = 4
+
+
+def _leaves():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)
+    w = torch.randn(2 * H, D, generator=g, requires_grad=True)
+    return x, w
+
+
+def test_counts_new_saved_storages_and_leaves_out_kept_ones():
+    x, w = _leaves()
+    # linear saves x and w (both kept: not counted); exp saves its output (B, 2H): counted.
+    nbytes, count, out = am.saved_activation_bytes(lambda: torch.exp(x @ w.t()).sum(), keep=[x, w])
+    assert (nbytes, count) == (B * 2 * H * F32, 1)
+    out.backward()  # the graph is intact
+    assert w.grad is not None
+
+
+def test_a_saved_view_counts_its_whole_storage_once():
+    x, w = _leaves()
+
+    def run():
+        h = x @ w.t()  # (B, 2H)
+        mu, logvar = h[:, :H], h[:, H:]
+        return (mu * logvar).sum()  # mul saves both views of h: one storage of B * 2H floats
+
+    nbytes, count, _ = am.saved_activation_bytes(run, keep=[x, w])
+    assert (nbytes, count) == (B * 2 * H * F32, 1)
+
+
+def test_graphs_dropped_before_the_count_are_not_counted():
+    x, w = _leaves()
+
+    def run():
+        torch.exp(x @ w.t()).sum()  # built and dropped at once
+        return (x @ w.t()).sum()  # saves only the kept x and w
+
+    nbytes, count, _ = am.saved_activation_bytes(run, keep=[x, w])
+    assert (nbytes, count) == (0, 0)
+
+
+def test_command_line_prints_every_stage_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "act.json"
+    assert am.main(["--batch", "4", "--embed", "8", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["reference_bytes"] > 0 and r["dmil_fast_bytes"] > 0
+        assert r["ratio"] == pytest.approx(r["dmil_fast_bytes"] / r["reference_bytes"])
+        assert f"| {r['stage']} |" in printed
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        am.main(["--batch", "0"])
+    with pytest.raises(ValueError, match="provider"):
+        am.step_activation_bytes("official", 1, 4, 8)
