@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,36 @@ class CrossModality(nn.Module):
         if self.hidden:
             h = F.relu(self.fc_hidden(h))  # (B, H)
         return self.fc_out(h)  # (B, E)
+
+
+def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
+    """``linear(torch.cat(parts, dim=1))`` without the concatenation.
+
+    One ``addmm`` per part on its block of weight columns, so autograd keeps the parts themselves
+    for the weight gradient (tensors that other layers keep already) instead of a new
+    (B, sum of widths) copy. Equal to the concatenated form up to float summation order.
+    """
+    widths = sum(p.shape[1] for p in parts)
+    if widths != linear.in_features:
+        raise ValueError(f"the parts have {widths} columns in all, the layer takes {linear.in_features}")
+    out, start = None, 0
+    for part in parts:
+        w = linear.weight[:, start:start + part.shape[1]]  # (out, width) view of the parameter
+        if out is None:
+            out = F.linear(part, w, linear.bias)
+        else:
+            out = torch.addmm(out, part, w.t())
+        start += part.shape[1]
+    return out
+
+
+def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor]) -> Tensor:
+    """``net(torch.cat(parts, dim=1))`` for a Sequential that starts with a Linear, its first
+    layer run by :func:`linear_on_parts`."""
+    out = linear_on_parts(net[0], parts)
+    for layer in list(net)[1:]:
+        out = layer(out)
+    return out
 
 
 def _recon_net(embed_size: int) -> nn.Sequential:
@@ -124,7 +154,11 @@ class DMILModel(nn.Module):
     Differences from the official code: nothing is printed; ``train()`` keeps the stage-1
     modules in eval mode while ``stage == 2``; leaving stage 2 through ``configure_stage`` puts
     them back in the model's current mode; the constructor validates ``stage`` and applies it;
-    pooled (B, D) encoder outputs are accepted besides 4-D maps.
+    pooled (B, D) encoder outputs are accepted besides 4-D maps. For a smaller activation
+    memory, the fused path (any backend but ``"reference"``) runs the first layers of
+    ``gating_network`` and ``recon_tr_1``/``recon_tr_2`` on the parts of their concatenated
+    input (:func:`linear_on_parts`), so forward hooks on those three Linear layers are not
+    called there, and copies the stage-2 means mu_tr out of the frozen heads' projections.
     """
 
     def __init__(self, video_model: Optional[nn.Module], audio_model: Optional[nn.Module],
@@ -290,6 +324,11 @@ class DMILModel(nn.Module):
             m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
                                         (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="ir_only")
         mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
+        if not self._reference:
+            # Compact copies: the fused means are views of each head pair's whole (B, 4E)
+            # projection, which the second level would otherwise keep alive for its backward.
+            # (The reference path keeps the official layout: its GEMMs then round the same way.)
+            mu_tr1, mu_tr2 = mu_tr1.contiguous(), mu_tr2.contiguous()
         outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir)
         outputs["v_out"] = self.tr1_fc(mu_tr1)
         outputs["a_out"] = self.tr2_fc(mu_tr2)
@@ -314,14 +353,18 @@ class DMILModel(nn.Module):
         """Redundancy, uniqueness, synergy and gating on (B, E) inputs (DESIGN section 1, stage 2)."""
         ref, backend = self._reference, self._op_backend
         h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend)
-        rec_tr_1 = self.recon_tr_1(torch.cat((h.z_red, h.z_unique_1), dim=1))  # (B, 2E) -> (B, E)
-        rec_tr_2 = self.recon_tr_2(torch.cat((h.z_red, h.z_unique_2), dim=1))
+        # The reference path concatenates as the official model does; the fused path runs the first
+        # layer on the parts (sequential_on_parts), so no (B, 2E) or (B, 4E) copy is kept for the
+        # backward: the parts are kept by the classifiers anyway.
+        on_parts = (lambda net, parts: net(torch.cat(parts, dim=1))) if ref else sequential_on_parts
+        rec_tr_1 = on_parts(self.recon_tr_1, (h.z_red, h.z_unique_1))  # (B, 2E) -> (B, E)
+        rec_tr_2 = on_parts(self.recon_tr_2, (h.z_red, h.z_unique_2))
         z_synergy = self.cross_modality(z_ir1, z_ir2)
         out_red = self.red_fc(h.z_red)
         out_unique_1 = self.unique1_fc(h.z_unique_1)
         out_unique_2 = self.unique2_fc(h.z_unique_2)
         out_synergy = self.synergy_fc(z_synergy)
-        gate = self.gating_network(torch.cat((h.z_unique_1, h.z_unique_2, h.z_red, z_synergy), dim=1))  # (B, 4)
+        gate = on_parts(self.gating_network, (h.z_unique_1, h.z_unique_2, h.z_red, z_synergy))  # (B, 4)
         out = (gate[:, 0:1] * out_unique_1 + gate[:, 1:2] * out_unique_2
                + gate[:, 2:3] * out_red + gate[:, 3:4] * out_synergy)
         return {
