@@ -70,9 +70,11 @@ def saved_activation_bytes(run: Callable[[], object], keep: Iterable[torch.Tenso
 
 
 def step_activation_bytes(provider: str, stage: int, batch: int, embed: int, *,
-                          backend: str = "triton", device: str = "cpu") -> Tuple[int, int]:
+                          backend: str = "triton", device: str = "cpu",
+                          recompute: bool = True) -> Tuple[int, int]:
     """(bytes, storages) kept for the backward by one training step of ``provider``
-    ("reference": the official architecture and loss in eager PyTorch; "dmil_fast")."""
+    ("reference": the official architecture and loss in eager PyTorch; "dmil_fast", built with
+    ``recompute``)."""
     from dmil_fast.nn import DMILModel
     from dmil_fast.reference.model import ReferenceDMILModel
     from dmil_fast.train import DMILConfig, dmil_loss
@@ -81,7 +83,8 @@ def step_activation_bytes(provider: str, stage: int, batch: int, embed: int, *,
         raise ValueError(f"provider must be 'reference' or 'dmil_fast', got {provider!r}")
     torch.manual_seed(0)
     if provider == "dmil_fast":
-        model = DMILModel(None, None, embed, NUM_CLASSES, None, stage, FEATURES, backend=backend)
+        model = DMILModel(None, None, embed, NUM_CLASSES, None, stage, FEATURES, backend=backend,
+                          recompute=recompute)
     else:
         model = ReferenceDMILModel(None, None, embed, NUM_CLASSES, None, stage, FEATURES)
     model.to(device).train()
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     parser.add_argument("--backend", default="triton", choices=["triton", "reference"],
                         help="dmil_fast's op backend (default triton, the GPU path)")
+    parser.add_argument("--no-recompute", dest="recompute", action="store_false",
+                        help="build DMILModel with recompute=False (keep the heads' projections)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -117,13 +122,15 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     rows = []
     print(f"activation memory kept for the backward, B={args.batch} D={FEATURES} E={args.embed} "
-          f"C={NUM_CLASSES}, dmil_fast backend={args.backend}, device={args.device}")
+          f"C={NUM_CLASSES}, dmil_fast backend={args.backend} recompute={args.recompute}, "
+          f"device={args.device}")
     print("| stage | official eager (MiB) | dmil_fast (MiB) | ratio |")
     print("|---|---|---|---|")
     for stage in args.stages:
         ref, _ = step_activation_bytes("reference", stage, args.batch, args.embed, device=args.device)
         fast, _ = step_activation_bytes("dmil_fast", stage, args.batch, args.embed,
-                                        backend=args.backend, device=args.device)
+                                        backend=args.backend, device=args.device,
+                                        recompute=args.recompute)
         rows.append({"stage": stage, "reference_bytes": ref, "dmil_fast_bytes": fast,
                      "ratio": fast / ref})
         print(f"| {stage} | {ref / 2**20:.1f} | {fast / 2**20:.1f} | {fast / ref:.3f} |", flush=True)
@@ -131,6 +138,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "embed": args.embed, "features": FEATURES,
                        "num_classes": NUM_CLASSES, "backend": args.backend,
+                       "recompute": args.recompute,
                        "device": args.device, "rows": rows}, f, indent=1)
     return 0
 

@@ -55,7 +55,7 @@ class VariationalBottleneck(nn.Module):
         return h[:, : self.embed_size], h[:, self.embed_size:]
 
     def sample(self, x: torch.Tensor, *, sample: Optional[bool] = None, seed: Optional[int] = None,
-               backend: Optional[str] = None
+               backend: Optional[str] = None, recompute: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused projection, reparameterised sample and KL to N(0, I).
 
@@ -64,7 +64,8 @@ class VariationalBottleneck(nn.Module):
             sample: draw z = mu + exp(logvar / 2) * eps (True) or return z = mu (False);
                 ``None`` (default) samples in training mode only, as the official model does.
             seed: seed of the op's own generator (``None``: drawn from torch's global RNG).
-            backend: forwarded to :func:`dmil_fast.ops.variational_bottleneck`.
+            backend, recompute: forwarded to :func:`dmil_fast.ops.variational_bottleneck`
+                (recompute: rebuild the projection in the backward instead of keeping it).
 
         Returns:
             z, mu, logvar: (B, E); kl: () the mean over (B, E) of KL(q || N(0, I)), unweighted.
@@ -78,7 +79,7 @@ class VariationalBottleneck(nn.Module):
         if sample is None:
             sample = self.training
         return ops.variational_bottleneck(x, self.fc.weight, self.fc.bias, sample=sample, seed=seed,
-                                          backend=backend)
+                                          backend=backend, recompute=recompute)
 
 
 def _check_heads(heads) -> None:
@@ -96,7 +97,7 @@ def _check_heads(heads) -> None:
 
 
 def grouped_sample(x: torch.Tensor, heads, *, sample: bool, seed: Optional[int] = None,
-                   backend: Optional[str] = None):
+                   backend: Optional[str] = None, recompute: bool = False):
     """Run several heads that read the same input as one fused op.
 
     The heads' weights are concatenated on the fly (head g owns rows [2E g, 2E (g + 1))), so
@@ -104,6 +105,8 @@ def grouped_sample(x: torch.Tensor, heads, *, sample: bool, seed: Optional[int] 
 
     Args:
         x: (B, D); heads: sequence of G VariationalBottleneck with equal sizes.
+        recompute: rebuild the (B, G*2E) projection in the backward instead of keeping it (see
+            :func:`dmil_fast.ops.variational_bottleneck_grouped`).
 
     Returns:
         z, mu, logvar: (B, G, E); kl: (G,) each head's mean KL to N(0, I), unweighted.
@@ -112,5 +115,5 @@ def grouped_sample(x: torch.Tensor, heads, *, sample: bool, seed: Optional[int] 
     weight = torch.cat([h.fc.weight for h in heads], dim=0)  # (G*2E, D)
     bias = torch.cat([h.fc.bias for h in heads], dim=0)  # (G*2E,)
     return ops.variational_bottleneck_grouped(x, weight, bias, len(heads), sample=sample, seed=seed,
-                                              backend=backend)
+                                              backend=backend, recompute=recompute)
 

@@ -75,7 +75,7 @@ DRAW_ORDERS = ("per_modality", "ir_only", "tr_then_ir")
 
 def first_level(pairs: Sequence[Tuple[Tensor, Tuple[VariationalBottleneck, VariationalBottleneck]]], *,
                 sample: bool, reference: bool, draw: str,
-                backend: Optional[str] = None) -> List[HeadPair]:
+                backend: Optional[str] = None, recompute: bool = False) -> List[HeadPair]:
     """Task-relevant / task-irrelevant heads of each modality.
 
     Args:
@@ -85,6 +85,8 @@ def first_level(pairs: Sequence[Tuple[Tensor, Tuple[VariationalBottleneck, Varia
         draw: one of :data:`DRAW_ORDERS`. ``"ir_only"`` returns z_tr = mu_tr even when sampling
             (stage 2 reads only the means of the tr heads); the other two sample both heads and
             differ in the order of the draws, which only matters if ``reference``.
+        recompute: fused path: rebuild each pair's (B, 4E) projection in the backward instead of
+            keeping it (``grouped_sample``); the means stay views of it.
 
     Returns:
         one :class:`HeadPair` per modality.
@@ -95,7 +97,10 @@ def first_level(pairs: Sequence[Tuple[Tensor, Tuple[VariationalBottleneck, Varia
     if not reference:
         out = []
         for x, heads in pairs:
-            z, mu, _, kl = grouped_sample(x, heads, sample=sample, backend=backend)  # (B, 2, E) ...
+            # recompute: the projection (B, 4E) is rebuilt in the backward, not kept; only the
+            # means are views of it, and a caller that keeps mu_tr copies it out (DMILModel).
+            z, mu, _, kl = grouped_sample(x, heads, sample=sample, backend=backend,
+                                          recompute=recompute)  # (B, 2, E) ...
             z_tr = z[:, 0] if sample_tr else mu[:, 0]
             z_cat = z.reshape(z.shape[0], -1) if sample_tr else torch.cat((z_tr, z[:, 1]), dim=1)  # (B, 2E)
             out.append(HeadPair(z_tr, z[:, 1], mu[:, 0], mu[:, 1], z_cat, kl))
@@ -140,20 +145,31 @@ class SecondLevelHeads(NamedTuple):
 
 
 def second_level(model, mu_tr1: Tensor, mu_tr2: Tensor, *, sample: bool, reference: bool,
-                 backend: Optional[str] = None) -> SecondLevelHeads:
+                 backend: Optional[str] = None, recompute: bool = False) -> SecondLevelHeads:
     """Redundancy head on [mu_tr1, mu_tr2], unique and alignment heads on each mu_trm.
 
     ``model`` holds ``IB_redundancy``, ``IB_m{1,2}_unique`` and ``IB_m{1,2}_r``.
-    In the fused path the unique and alignment heads of a modality share one grouped call.
+    In the fused path the unique and alignment heads of a modality share one grouped call;
+    ``recompute`` rebuilds its projection in the backward instead of keeping it.
     """
     joint = torch.cat((mu_tr1, mu_tr2), dim=1)  # (B, 2E)
     if not reference:
+        # The alignment KLs keep all of the redundancy head's projection: nothing to recompute.
         z_red, mu_red, lv_red, kl_red = model.IB_redundancy.sample(joint, sample=sample, backend=backend)
-        g1 = grouped_sample(mu_tr1, (model.IB_m1_unique, model.IB_m1_r), sample=sample, backend=backend)
-        g2 = grouped_sample(mu_tr2, (model.IB_m2_unique, model.IB_m2_r), sample=sample, backend=backend)
+        # Unique and alignment heads. The unique samples are copied out, so the alignment heads'
+        # samples (never used) do not stay alive beside them. With recompute the projection
+        # (B, 4E) is rebuilt in the backward, and the part of it that is used (the alignment
+        # means and log-variances) is copied out too, so it does not stay alive either.
+        g1 = grouped_sample(mu_tr1, (model.IB_m1_unique, model.IB_m1_r), sample=sample, backend=backend,
+                            recompute=recompute)
+        g2 = grouped_sample(mu_tr2, (model.IB_m2_unique, model.IB_m2_r), sample=sample, backend=backend,
+                            recompute=recompute)
+        align = [g1[1][:, 1], g1[2][:, 1], g2[1][:, 1], g2[2][:, 1]]  # mu_r1, lv_r1, mu_r2, lv_r2
+        if recompute:
+            align = [t.contiguous() for t in align]
         return SecondLevelHeads(z_red, mu_red, lv_red, kl_red,
-                                g1[0][:, 0], g1[3][0], g2[0][:, 0], g2[3][0],
-                                g1[1][:, 1], g1[2][:, 1], g2[1][:, 1], g2[2][:, 1])
+                                g1[0][:, 0].contiguous(), g1[3][0], g2[0][:, 0].contiguous(), g2[3][0],
+                                *align)
     mu_red, lv_red = torch_project(joint, model.IB_redundancy)
     mu_u1, lv_u1 = torch_project(mu_tr1, model.IB_m1_unique)
     mu_u2, lv_u2 = torch_project(mu_tr2, model.IB_m2_unique)

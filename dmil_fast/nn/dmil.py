@@ -150,6 +150,12 @@ class DMILModel(nn.Module):
         synergy_hidden: 0 (default) builds the published synergy module ``cross_modality``
             (Linear(3E, E)); H > 0 an optional larger one with a hidden layer of width H (see
             :class:`CrossModality`; its state_dict then differs from the official one).
+        recompute: fused path only: the variational heads' projections h = x W^T + b are rebuilt
+            in the backward (one more GEMM per head group and step) instead of being kept, and
+            the parts of them that later layers use are copied out. At B = 4096, E = 256 this
+            keeps 32 / 16 / 40 MiB less for the backward in stages 1 / 2 / 3, counted by
+            ``benchmarks/activation_memory.py``. ``False`` keeps the projections (less
+            compute, more memory). Values and gradients are the same either way.
 
     Differences from the official code: nothing is printed; ``train()`` keeps the stage-1
     modules in eval mode while ``stage == 2``; leaving stage 2 through ``configure_stage`` puts
@@ -158,13 +164,17 @@ class DMILModel(nn.Module):
     memory, the fused path (any backend but ``"reference"``) runs the first layers of
     ``gating_network`` and ``recon_tr_1``/``recon_tr_2`` on the parts of their concatenated
     input (:func:`linear_on_parts`), so forward hooks on those three Linear layers are not
-    called there, and copies the stage-2 means mu_tr out of the frozen heads' projections.
+    called there, and copies the stage-2 means mu_tr out of the frozen heads' projections
+    (see also ``recompute``).
     """
 
     def __init__(self, video_model: Optional[nn.Module], audio_model: Optional[nn.Module],
                  embed_size: int = 512, num_class: int = 101, method=None, stage: int = 1,
-                 input_size: int = 512, *, backend: Optional[str] = None, synergy_hidden: int = 0):
+                 input_size: int = 512, *, backend: Optional[str] = None, synergy_hidden: int = 0,
+                 recompute: bool = True):
         super().__init__()
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
         for name, value in (("embed_size", embed_size), ("num_class", num_class), ("input_size", input_size)):
@@ -184,6 +194,7 @@ class DMILModel(nn.Module):
         self.num_class = num_class
         self.input_size = input_size
         self.synergy_hidden = synergy_hidden
+        self.recompute = recompute
         self.stage = None  # set by configure_stage below
         self.embed_v = nn.Linear(input_size, E)
         self.embed_a = nn.Linear(input_size, E)
@@ -214,7 +225,7 @@ class DMILModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_size={self.embed_size}, num_class={self.num_class}, stage={self.stage}, "
-                f"backend={self.backend}, synergy_hidden={self.synergy_hidden}")
+                f"backend={self.backend}, synergy_hidden={self.synergy_hidden}, recompute={self.recompute}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -296,7 +307,7 @@ class DMILModel(nn.Module):
 
     def _first_level(self, pairs, *, draw: str):
         return first_level(pairs, sample=self.training, reference=self._reference, draw=draw,
-                           backend=self._op_backend)
+                           backend=self._op_backend, recompute=self.recompute)
 
     def _stage1(self, e1: Tensor, e2: Tensor, train_modality: str) -> Dict[str, object]:
         branches = []
@@ -339,7 +350,13 @@ class DMILModel(nn.Module):
                                     (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="tr_then_ir")
         rec_1 = self.recon_1(m1.z_cat)  # [z_tr1, z_ir1]: (B, 2E) -> (B, E)
         rec_2 = self.recon_2(m2.z_cat)
-        outputs = self._second_level(m1.mu_tr, m2.mu_tr, m1.z_ir, m2.z_ir)
+        mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
+        if self.recompute and not self._reference:
+            # Compact copies (differentiable): the fused first level then keeps no (B, 4E)
+            # projection for the backward (it recomputes them), so these views would be all
+            # that keeps them alive.
+            mu_tr1, mu_tr2 = mu_tr1.contiguous(), mu_tr2.contiguous()
+        outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir)
         ref = self._reference
         outputs.update({
             "v_out": self.tr1_fc(m1.z_tr),
@@ -352,7 +369,8 @@ class DMILModel(nn.Module):
     def _second_level(self, mu_tr1: Tensor, mu_tr2: Tensor, z_ir1: Tensor, z_ir2: Tensor) -> Dict[str, object]:
         """Redundancy, uniqueness, synergy and gating on (B, E) inputs (DESIGN section 1, stage 2)."""
         ref, backend = self._reference, self._op_backend
-        h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend)
+        h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend,
+                         recompute=self.recompute)
         # The reference path concatenates as the official model does; the fused path runs the first
         # layer on the parts (sequential_on_parts), so no (B, 2E) or (B, 4E) copy is kept for the
         # backward: the parts are kept by the classifiers anyway.

@@ -4,7 +4,9 @@ Backends: ``reference`` (PyTorch: ``dmil_fast.reference.gaussian``) and ``triton
 layer runs in torch (cuBLAS), then one Triton epilogue reads h = x @ W^T + b once and writes z
 and per-(row, head) KL partial sums; mu and logvar are views of h. The backward is one fused
 epilogue kernel (grad of h from the grads of z, mu, logvar and kl, eps regenerated from the
-seed), then torch matmuls for x, W and b. No C++/CUDA kernel. The Triton backend is a
+seed), then torch matmuls for x, W and b. With ``recompute=True`` the backward does not keep h:
+it recomputes it from x, W and b (one more GEMM), which frees B x G*2E elements whenever the
+caller keeps no view of mu or logvar itself. No C++/CUDA kernel. The Triton backend is a
 ``torch.library.custom_op`` (not ``triton_op``; see ``dmil_fast/ops/gaussian_sample.py``).
 """
 
@@ -28,7 +30,7 @@ def _rows_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("dmil_fast::variational_bottleneck", mutates_args=())
 def _vb_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], seed: torch.Tensor,
-           groups: int, sample: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           groups: int, sample: bool, recompute: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.variational_bottleneck import vb_epilogue_fwd
 
     # Autocast was applied by the caller (see _autocast_inputs); the outputs keep x's dtype,
@@ -40,7 +42,7 @@ def _vb_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 
 @_vb_op.register_fake
-def _(x, weight, bias, seed, groups, sample):
+def _(x, weight, bias, seed, groups, sample, recompute):
     b, width = x.shape[0], weight.shape[0]
     z = x.new_empty((b, groups, width // (2 * groups)) if sample else (0,))
     return x.new_empty((b, width)), z, x.new_empty((b, groups), dtype=_rows_dtype(x.dtype))
@@ -61,14 +63,20 @@ def _(grad_h, grad_z, grad_kl_rows, h, seed, groups):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, seed, groups, sample = inputs
-    ctx.save_for_backward(x, weight, output[0], seed)
-    ctx.groups, ctx.sample = groups, sample
+    x, weight, bias, seed, groups, sample, recompute = inputs
+    # Either h itself, or (recompute) the bias to rebuild it from x and W, which are kept anyway.
+    ctx.save_for_backward(x, weight, bias if recompute else output[0], seed)
+    ctx.groups, ctx.sample, ctx.recompute = groups, sample, recompute
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_h, grad_z, grad_kl_rows):
-    x, weight, h, seed = ctx.saved_tensors
+    x, weight, h_or_bias, seed = ctx.saved_tensors
+    if ctx.recompute:
+        with torch.autocast(x.device.type, enabled=False):  # the forward's GEMM, in its dtypes
+            h = torch.nn.functional.linear(x, weight, h_or_bias)
+    else:
+        h = h_or_bias
     if not ctx.sample:
         grad_z = None  # z is then the mu view of h; its gradient arrives through grad_h
     grad_h = torch.ops.dmil_fast.variational_bottleneck_backward(
@@ -77,13 +85,13 @@ def _backward(ctx, grad_h, grad_z, grad_kl_rows):
     grad_x = grad_h @ weight if need[0] else None  # (B, D)
     grad_w = grad_h.t() @ x if need[1] else None  # (G*2E, D)
     grad_b = grad_h.sum(0) if need[2] else None  # (G*2E,)
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None
 
 
 _vb_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(x, weight, bias, groups, sample, seed) -> torch.device:
+def _validate(x, weight, bias, groups, sample, seed, recompute) -> torch.device:
     check_tensor("x", x, ndim=2)
     check_tensor("weight", weight, ndim=2)
     if isinstance(groups, bool) or not isinstance(groups, int):
@@ -103,6 +111,8 @@ def _validate(x, weight, bias, groups, sample, seed) -> torch.device:
                              f"got {tuple(bias.shape)}")
     if not isinstance(sample, bool):
         raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     check_seed(seed)
     return check_same_device(x=x, weight=weight, bias=bias)
 
@@ -124,10 +134,11 @@ def _autocast_inputs(x, weight, bias, device):
     return x, weight, bias
 
 
-def _triton_forward(x, weight, bias, groups, sample, seed, device):
+def _triton_forward(x, weight, bias, groups, sample, seed, device, recompute):
     # Nothing is drawn when not sampling, so torch's generator does not advance (as in the reference).
     seed_t = seed_tensor(seed, device) if sample else torch.zeros(1, dtype=torch.int64, device=device)
-    h, z, kl_rows = torch.ops.dmil_fast.variational_bottleneck(x, weight, bias, seed_t, groups, sample)
+    h, z, kl_rows = torch.ops.dmil_fast.variational_bottleneck(x, weight, bias, seed_t, groups, sample,
+                                                               recompute)
     b, e = x.shape[0], weight.shape[0] // (2 * groups)
     h3 = h.view(b, groups, 2 * e)  # (B, G, 2E)
     mu, logvar = h3[..., :e], h3[..., e:]  # (B, G, E) views of h
@@ -136,7 +147,8 @@ def _triton_forward(x, weight, bias, groups, sample, seed, device):
 
 
 def variational_bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
-                           sample: bool = True, seed: Optional[int] = None, backend: Optional[str] = None
+                           sample: bool = True, seed: Optional[int] = None, backend: Optional[str] = None,
+                           recompute: bool = False
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gaussian head: h = x @ W^T + b split into (mu, logvar); z sampled (or mu); KL to N(0, I).
 
@@ -150,6 +162,9 @@ def variational_bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: Optional
             torch.compile: see ``gaussian_sample``. Under autocast, float32 inputs are cast
             to the autocast dtype first (as torch's Linear does).
         backend: None (automatic), "reference" or "triton" ("cpp"/"cuda": no kernel).
+        recompute: Triton backend: keep no h = x W^T + b for the backward and recompute it there
+            (one more GEMM). Saves a (B, 2E) tensor when the caller keeps no mu or logvar (a kept
+            view keeps h alive anyway); same values and gradients. The reference ignores it.
 
     Returns:
         z, mu, logvar: (B, E) in x's dtype (mu and logvar are views of h; z is mu when not
@@ -162,19 +177,19 @@ def variational_bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).mean()
     """
-    device = _validate(x, weight, bias, 1, sample, seed)
+    device = _validate(x, weight, bias, 1, sample, seed, recompute)
     x, weight, bias = _autocast_inputs(x, weight, bias, device)
     chosen = choose_backend("variational_bottleneck", backend, device, x.dtype)
     if chosen == "reference":
         return variational_bottleneck_ref(x, weight, bias, sample=sample,
                                           generator=seeded_generator(seed, device))
-    z, mu, logvar, kl = _triton_forward(x, weight, bias, 1, sample, seed, device)
+    z, mu, logvar, kl = _triton_forward(x, weight, bias, 1, sample, seed, device, recompute)
     return z[:, 0], mu[:, 0], logvar[:, 0], kl[0]  # (B, E), (B, E), (B, E), ()
 
 
 def variational_bottleneck_grouped(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                    groups: int, *, sample: bool = True, seed: Optional[int] = None,
-                                   backend: Optional[str] = None
+                                   backend: Optional[str] = None, recompute: bool = False
                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``groups`` Gaussian heads on the same x in one GEMM and one epilogue launch.
 
@@ -182,7 +197,8 @@ def variational_bottleneck_grouped(x: torch.Tensor, weight: torch.Tensor, bias: 
         x: (B, D); weight: (G*2E, D), the G heads' (2E, D) weights stacked (head g owns rows
             [2E*g, 2E*(g+1))); bias: (G*2E,) or None; groups: G >= 1. Dtypes/devices as in
             ``variational_bottleneck``.
-        sample, seed, backend: as in ``variational_bottleneck``. The Triton draw of head g at
+        sample, seed, backend, recompute: as in ``variational_bottleneck`` (recompute saves a
+            (B, G*2E) tensor). The Triton draw of head g at
             (b, e) uses the logical offset (b * G + g) * E + e, so G = 1 equals the ungrouped op.
 
     Returns:
@@ -195,10 +211,10 @@ def variational_bottleneck_grouped(x: torch.Tensor, weight: torch.Tensor, bias: 
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
         kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).mean(dim=(0, 2))
     """
-    device = _validate(x, weight, bias, groups, sample, seed)
+    device = _validate(x, weight, bias, groups, sample, seed, recompute)
     x, weight, bias = _autocast_inputs(x, weight, bias, device)
     chosen = choose_backend("variational_bottleneck", backend, device, x.dtype)
     if chosen == "reference":
         return variational_bottleneck_grouped_ref(x, weight, bias, groups, sample=sample,
                                                   generator=seeded_generator(seed, device))
-    return _triton_forward(x, weight, bias, groups, sample, seed, device)
+    return _triton_forward(x, weight, bias, groups, sample, seed, device, recompute)

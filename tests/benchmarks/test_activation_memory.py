@@ -72,3 +72,12 @@ def test_bad_arguments_are_refused():
         am.main(["--batch", "0"])
     with pytest.raises(ValueError, match="provider"):
         am.step_activation_bytes("official", 1, 4, 8)
+
+
+def test_recompute_frees_exactly_the_two_first_level_projections_in_stage_1():
+    """Stage 1 keeps, per modality, the (B, 4E) projection of the tr/ir head pair, or with
+    recompute the (4E,) concatenated bias instead: 2 * 4E * (B - 1) floats less in all."""
+    b, e = 8, 8
+    kept = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=False)[0]
+    recomputed = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=True)[0]
+    assert kept - recomputed == 2 * 4 * e * (b - 1) * F32

@@ -56,8 +56,9 @@ def _fresh(t):
 @given(data=st.data(), layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
        sample=st.booleans(), with_bias=st.booleans(), seed=st.integers(0, 2**63 - 1),
        used=st.sampled_from(["all", "z", "kl", "mu_logvar"]),
-       grad_layout=st.sampled_from(["contiguous", "expanded", "strided"]))
-def test_grouped_matches_reference(backend, device, data, layout, sample, with_bias, seed, used, grad_layout):
+       grad_layout=st.sampled_from(["contiguous", "expanded", "strided"]), recompute=st.booleans())
+def test_grouped_matches_reference(backend, device, data, layout, sample, with_bias, seed, used, grad_layout,
+                                   recompute):
     max_b, max_d, max_e, max_g = _max_sizes(backend, device)
     b, d = data.draw(st.integers(1, max_b), label="B"), data.draw(st.integers(1, max_d), label="D")
     e, g = data.draw(st.integers(1, max_e), label="E"), data.draw(st.integers(1, max_g), label="G")
@@ -65,7 +66,8 @@ def test_grouped_matches_reference(backend, device, data, layout, sample, with_b
     weight = make((g * 2 * e, d), layout, device=device, scale=d ** -0.5).requires_grad_()
     bias = torch.randn(g * 2 * e, device=device).requires_grad_() if with_bias else None
     eps = recovered_eps(b, d, e, g, seed, backend, device) if sample else None
-    out = dm.ops.variational_bottleneck_grouped(x, weight, bias, g, sample=sample, seed=seed, backend=backend)
+    out = dm.ops.variational_bottleneck_grouped(x, weight, bias, g, sample=sample, seed=seed, backend=backend,
+                                                recompute=recompute)
     ref_in = (_fresh(x), _fresh(weight), _fresh(bias))
     ref = variational_bottleneck_grouped_ref(*ref_in, g, sample=sample, eps=eps)
     for name, o, r in zip(("z", "mu", "logvar", "kl"), out, ref):
@@ -82,8 +84,8 @@ def test_grouped_matches_reference(backend, device, data, layout, sample, with_b
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@given(data=st.data(), sample=st.booleans(), transposed_weight=st.booleans())
-def test_single_head_matches_reference(backend, device, data, sample, transposed_weight):
+@given(data=st.data(), sample=st.booleans(), transposed_weight=st.booleans(), recompute=st.booleans())
+def test_single_head_matches_reference(backend, device, data, sample, transposed_weight, recompute):
     max_b, max_d, max_e, _ = _max_sizes(backend, device)
     b, d = data.draw(st.integers(1, max_b), label="B"), data.draw(st.integers(1, max_d), label="D")
     e = data.draw(st.integers(1, max_e), label="E")
@@ -92,7 +94,8 @@ def test_single_head_matches_reference(backend, device, data, sample, transposed
     weight = make((2 * e, d), layout, device=device, scale=d ** -0.5).requires_grad_()
     bias = torch.randn(2 * e, device=device, requires_grad=True)
     eps = recovered_eps(b, d, e, 1, 99, backend, device)[:, 0] if sample else None
-    out = dm.ops.variational_bottleneck(x, weight, bias, sample=sample, seed=99, backend=backend)
+    out = dm.ops.variational_bottleneck(x, weight, bias, sample=sample, seed=99, backend=backend,
+                                        recompute=recompute)
     ref_in = (_fresh(x), _fresh(weight), _fresh(bias))
     ref = variational_bottleneck_ref(*ref_in, sample=sample, eps=eps)
     for o, r in zip(out, ref):
@@ -174,13 +177,32 @@ def test_gradcheck_float64(backend, device):
         (x, weight[:4]))
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recompute_keeps_no_projection_for_the_backward(recompute):
+    """recompute=True: the backward keeps x, W, b and the seed, not h (B, G*2E); without it, h."""
+    device = triton_device()
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    weight = torch.randn(2 * 2 * 3, 5, device=device, requires_grad=True)
+    bias = torch.randn(12, device=device, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        z, mu, logvar, kl = dm.ops.variational_bottleneck_grouped(x, weight, bias, 2, seed=5, backend="triton",
+                                                                  recompute=recompute)
+    h_storage = mu.untyped_storage().data_ptr()
+    assert any(t.untyped_storage().data_ptr() == h_storage for t in kept) is (not recompute)
+    assert any(t is bias for t in kept) is recompute
+    (z.sum() + kl.sum()).backward()  # the recomputed h gives finite gradients everywhere
+    assert all(torch.isfinite(p.grad).all() for p in (x, weight, bias))
+
+
 def test_opcheck_registered_ops():
     device = triton_device()
     x = torch.randn(3, 4, device=device, requires_grad=True)
     weight = torch.randn(4, 12, device=device).t().requires_grad_()
     bias = torch.randn(12, device=device, requires_grad=True)
     seed = torch.tensor([3], device=device)
-    for args in ((x, weight, bias, seed, 2, True), (x, weight, None, seed, 3, False)):
+    for args in ((x, weight, bias, seed, 2, True, False), (x, weight, None, seed, 3, False, False),
+                 (x, weight, bias, seed, 2, True, True), (x, weight, None, seed, 3, False, True)):
         torch.library.opcheck(torch.ops.dmil_fast.variational_bottleneck, args)
     h = torch.randn(3, 12, device=device)
     backward = torch.ops.dmil_fast.variational_bottleneck_backward
@@ -247,6 +269,8 @@ def test_validation_errors():
         vbg(x, w, b, 1.0)
     with pytest.raises(TypeError, match="sample must be a bool"):
         vb(x, w, b, sample=1)
+    with pytest.raises(TypeError, match="recompute must be a bool, got int"):
+        vbg(x, w, b, 1, recompute=1)
     with pytest.raises(TypeError, match="seed must be None or an int"):
         vb(x, w, b, seed="7")
     for backend, reason in (("cpp", "no C\\+\\+ kernel"), ("cuda", "no CUDA kernel")):
