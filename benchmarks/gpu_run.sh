@@ -3,17 +3,19 @@
 #   build    the extension with its CUDA kernels (pip install --no-build-isolation --no-deps -e .)
 #   tests    the test suite on the GPU (pytest-xdist when installed)
 #   bench    the target benchmarks (`pytest benchmarks -m target`): the ops, then the DMIL step and
-#            LSMI scoring, each saving its results JSON; then bench_targets.py judges them
+#            LSMI scoring, each saving its results JSON, then benchmarks/activation_memory.py
+#            (its table appended to bench-step.log); then bench_targets.py judges them
 #
 #   bash benchmarks/gpu_run.sh OUT_DIR [build] [tests] [bench]     (default: all three, in order)
 #
 # OUT_DIR receives at most eight files: build.log, info.txt, tests.log, bench-ops.log,
 # bench-step.log, the results JSON files and targets.md. Each phase has its own time limit
-# (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S), and none runs past the
-# deadline of the whole run (GPU_RUN_TOTAL_S, 540 s after the start): pytest is stopped with
-# SIGINT, so a benchmark phase cut short still saves what it timed. GPU_RUN_PYTEST_ARGS (split on
-# spaces) is added to both benchmark sessions, e.g. "-k bfloat16" for a slice. Exit status: the
-# number of phases that failed (0: all passed).
+# (GPU_RUN_BUILD_S, GPU_RUN_TESTS_S, GPU_RUN_OPS_S, GPU_RUN_STEP_S, GPU_RUN_ACT_S), and none runs
+# past the deadline of the whole run (GPU_RUN_TOTAL_S, 540 s after the start): pytest is stopped
+# with SIGINT, so a benchmark phase cut short still saves what it timed. GPU_RUN_PYTEST_ARGS
+# (split on spaces) is added to both benchmark sessions, e.g. "-k bfloat16" for a slice, and
+# GPU_RUN_ACT_ARGS to activation_memory.py, e.g. "--batch 256". Exit status: the number of
+# phases that failed (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_run.sh OUT_DIR [build] [tests] [bench]}
@@ -89,6 +91,15 @@ for phase in $phases; do
             benchmarks/test_bench_dmil_step.py benchmarks/test_bench_lsmi.py -m target -q \
             -p no:cacheprovider --bench-save --bench-results-dir "$out" "${extra[@]}"
         tail -n 5 "$out/bench-step.log"
+        # The activation memory counted from the autograd graph, beside the allocator's numbers
+        # in the step's JSON (appended to bench-step.log: no ninth file).
+        say "bench: activation memory counted from the graph"
+        read -r -a act_args <<<"${GPU_RUN_ACT_ARGS:-}"
+        limited "${GPU_RUN_ACT_S:-60}" "$py" benchmarks/activation_memory.py "${act_args[@]}" \
+            >"$out/activation.tmp" 2>&1 || phase_failed "activation memory"
+        cat "$out/activation.tmp" >>"$out/bench-step.log"
+        cat "$out/activation.tmp"
+        rm -f "$out/activation.tmp"
         if compgen -G "$out/*.json" >/dev/null; then
             "$py" benchmarks/bench_targets.py "$out"/*.json >"$out/targets.md" 2>&1 || phase_failed targets
             cat "$out/targets.md"

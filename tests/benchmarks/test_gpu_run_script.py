@@ -27,7 +27,8 @@ def _run(out, *phases, **env):
 
 def test_bench_phase_saves_results_and_judges_them(tmp_path):
     out = tmp_path / "gpu-run"
-    done = _run(out, "bench", GPU_RUN_PYTEST_ARGS="-k fwd-cpu-float32-B4096xC6")
+    done = _run(out, "bench", GPU_RUN_PYTEST_ARGS="-k fwd-cpu-float32-B4096xC6",
+                GPU_RUN_ACT_ARGS="--batch 16 --embed 8")
     # The ops session ran the selected CPU target cases; the DMIL-step/LSMI session, whose target
     # cases are all on the GPU, selected nothing: one failed phase, said as such.
     assert done.returncode == 1, done.stdout + done.stderr
@@ -41,6 +42,11 @@ def test_bench_phase_saves_results_and_judges_them(tmp_path):
     assert "interaction_scores fwd cpu float32 B=4096 C=6: cpp vs reference" in table
     assert "not measured" in table  # every GPU target
     assert {"bench-ops.log", "bench-step.log", "targets.md"} <= {p.name for p in out.iterdir()}
+    # The activation-memory table follows the step session's log, one row per stage.
+    step_log = (out / "bench-step.log").read_text()
+    assert "activation memory kept for the backward, B=16" in step_log
+    assert all(f"| {stage} |" in step_log for stage in (1, 2, 3))
+    assert len(list(out.iterdir())) <= 8
 
 
 def test_unknown_phase_is_refused(tmp_path):
