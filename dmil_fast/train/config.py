@@ -63,6 +63,10 @@ class DMILConfig:
     ``joint_fusion_hidden`` of the concatenation baseline, and ``synergy_hidden`` (0, the default,
     builds the published synergy module; H > 0 an optional hidden layer of width H in it, see
     :class:`~dmil_fast.nn.CrossModality`). ``lr`` is the baselines' learning rate.
+
+    Memory against compute (not official, no effect on values): ``recompute`` (True, the default)
+    builds :class:`~dmil_fast.nn.DMILModel` with ``recompute=True``, which rebuilds the variational
+    heads' projections in the backward instead of keeping them; ``false`` in a YAML file keeps them.
     """
 
     # --- cfgs/methods/DMIL.yaml
@@ -118,6 +122,7 @@ class DMILConfig:
     encoder_dropout: float = 0.0
     joint_fusion_hidden: int = 0
     synergy_hidden: int = 0
+    recompute: bool = True
     preset: str = field(default="published")
 
     def __post_init__(self):
@@ -298,6 +303,8 @@ class DMILConfig:
         for name in ("lamb", "stage1_lr", "stage2_lr", "stage3_lr", "lr", "momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
         if not 0 <= self.encoder_dropout < 1:
             raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")
 
@@ -378,9 +385,11 @@ def _coerce(values: Dict[str, Any], path: Path) -> Dict[str, Any]:
     for key, value in values.items():
         kind = hints[key]
         try:
-            if kind is bool:
-                raise TypeError
-            if kind is int:
+            if kind is bool:  # YAML's true / false only
+                if not isinstance(value, bool):
+                    raise ValueError
+                out[key] = value
+            elif kind is int:
                 if isinstance(value, bool) or float(value) != int(float(value)):
                     raise ValueError
                 out[key] = int(float(value))

@@ -52,7 +52,8 @@ def build_model(method: str, dims: Optional[Tuple[int, int]], num_classes: int, 
         (enc_1, enc_2), input_size = encoders, config.input_size
     size = dict(embed_size=config.embed_size, num_class=num_classes, input_size=input_size)
     if method == "dmil":
-        return DMILModel(enc_1, enc_2, stage=1, backend=backend, synergy_hidden=config.synergy_hidden, **size)
+        return DMILModel(enc_1, enc_2, stage=1, backend=backend, synergy_hidden=config.synergy_hidden,
+                         recompute=config.recompute, **size)
     if method == "joint":
         return JointModel(enc_1, enc_2, fusion_hidden=config.joint_fusion_hidden, **size)
     return EnsembleModel(enc_1, enc_2, **size)

@@ -117,6 +117,20 @@ def test_factory_builds_the_configured_synergy_module_and_encoders():
         build_model("dmil", (5, 6), 3, DMILConfig.for_features(embed_size=4))
 
 
+def test_recompute_setting_reaches_the_model_and_is_validated(tmp_path):
+    assert build_model("dmil", (5, 5), 3, DMILConfig(embed_size=4)).recompute is True
+    path = tmp_path / "lowcompute.yaml"
+    path.write_text("recompute: false\nembed_size: 4\n")
+    config = DMILConfig.from_yaml(path)
+    assert config.recompute is False
+    assert build_model("dmil", (5, 5), 3, config).recompute is False
+    with pytest.raises(ValueError, match="recompute must be true or false, got 'no'"):
+        DMILConfig(recompute="no")
+    path.write_text("recompute: 1\n")
+    with pytest.raises(ValueError, match="setting 'recompute' in .* must be bool, got 1"):
+        DMILConfig.from_yaml(path)
+
+
 def test_scaled_keeps_the_stage_proportions():
     c = DMILConfig().scaled(14)  # 70 -> 14: stage 1 10 -> 2, stage 2 5 -> 1, stage 3 the rest
     assert (c.n_epochs, c.stage1_epochs, c.stage2_epochs) == (14, 2, 1)
