@@ -60,7 +60,8 @@ def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
 
     One ``addmm`` per part on its block of weight columns, so autograd keeps the parts themselves
     for the weight gradient (tensors that other layers keep already) instead of a new
-    (B, sum of widths) copy. Equal to the concatenated form up to float summation order.
+    (B, sum of widths) copy. Equal to the concatenated form up to float summation order in
+    float32/float64 (in lower precision each partial sum is rounded: see :func:`parts_path_applies`).
     """
     widths = sum(p.shape[1] for p in parts)
     if widths != linear.in_features:
@@ -76,9 +77,35 @@ def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def parts_path_applies(net: nn.Sequential, parts: Sequence[Tensor]) -> bool:
+    """Whether :func:`sequential_on_parts` may split ``net``'s first layer over ``parts``.
+
+    Only for a plain ``nn.Sequential`` whose first layer is a plain ``nn.Linear``, with no forward
+    hooks or pre-hooks on either (nor global ones: pruning, weight norm, quantisation stubs or a
+    replaced layer must see the module called), and float32/float64 parts outside autocast. With
+    low-precision outputs every partial sum would be rounded (and under autocast the casts save
+    copies as large as the concatenation, so there is nothing to gain).
+    """
+    first = net[0] if type(net) is nn.Sequential and len(net) > 0 else None
+    if type(first) is not nn.Linear or _has_hooks(net) or _has_hooks(first):
+        return False
+    if any(p.dtype not in (torch.float32, torch.float64) for p in parts):
+        return False
+    return not torch.is_autocast_enabled(parts[0].device.type)
+
+
 def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor]) -> Tensor:
-    """``net(torch.cat(parts, dim=1))`` for a Sequential that starts with a Linear, its first
-    layer run by :func:`linear_on_parts`."""
+    """``net(torch.cat(parts, dim=1))``, its first layer run by :func:`linear_on_parts` where
+    :func:`parts_path_applies`, else exactly that concatenated call."""
+    if not parts_path_applies(net, parts):
+        return net(torch.cat(parts, dim=1))
     out = linear_on_parts(net[0], parts)
     for layer in list(net)[1:]:
         out = layer(out)
@@ -163,8 +190,9 @@ class DMILModel(nn.Module):
     pooled (B, D) encoder outputs are accepted besides 4-D maps. For a smaller activation
     memory, the fused path (any backend but ``"reference"``) runs the first layers of
     ``gating_network`` and ``recon_tr_1``/``recon_tr_2`` on the parts of their concatenated
-    input (:func:`linear_on_parts`), so forward hooks on those three Linear layers are not
-    called there, and copies the stage-2 means mu_tr out of the frozen heads' projections
+    input (:func:`sequential_on_parts`; it calls the modules on the concatenation instead when
+    they carry hooks, are not plain ``nn.Linear``/``nn.Sequential``, or run under autocast or in
+    low precision), and copies the stage-2 means mu_tr out of the frozen heads' projections
     (see also ``recompute``).
     """
 
