@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import BACKENDS
+from ..ops._dispatch import choose_backend
 from .bottleneck import VariationalBottleneck
 from .decomposition import align_kl, first_level, recon_loss, second_level
 
@@ -177,9 +178,10 @@ class DMILModel(nn.Module):
         synergy_hidden: 0 (default) builds the published synergy module ``cross_modality``
             (Linear(3E, E)); H > 0 an optional larger one with a hidden layer of width H (see
             :class:`CrossModality`; its state_dict then differs from the official one).
-        recompute: fused path only: the variational heads' projections h = x W^T + b are rebuilt
-            in the backward (one more GEMM per head group and step) instead of being kept, and
-            the parts of them that later layers use are copied out. At B = 4096, E = 256 this
+        recompute: fused path, where the heads' op runs its Triton backend (the GPU path): the
+            variational heads' projections h = x W^T + b are rebuilt in the backward (one more
+            GEMM per head group and step) instead of being kept, and the parts of them that later
+            layers use are copied out. At B = 4096, E = 256 this
             keeps 32 / 16 / 40 MiB less for the backward in stages 1 / 2 / 3, counted by
             ``benchmarks/activation_memory.py``. ``False`` keeps the projections (less
             compute, more memory). Values and gradients are the same either way.
@@ -304,6 +306,14 @@ class DMILModel(nn.Module):
     def _op_backend(self) -> Optional[str]:
         return None if self._reference else self.backend
 
+    def _recomputes(self, x: Tensor) -> bool:
+        """Whether the heads' op will rebuild its projections in the backward for inputs like x:
+        only its Triton backend does, so only then are views of them worth copying out."""
+        if not self.recompute or self._reference:
+            return False
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return choose_backend("variational_bottleneck", self._op_backend, x.device, dtype) == "triton"
+
     def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
         """Encoders, (T, H, W) pooling and ``embed_v``/``embed_a``: -> e1, e2 of shape (B, E)."""
         batch = visual.size(0)
@@ -335,7 +345,7 @@ class DMILModel(nn.Module):
 
     def _first_level(self, pairs, *, draw: str):
         return first_level(pairs, sample=self.training, reference=self._reference, draw=draw,
-                           backend=self._op_backend, recompute=self.recompute)
+                           backend=self._op_backend, recompute=self._recomputes(pairs[0][0]))
 
     def _stage1(self, e1: Tensor, e2: Tensor, train_modality: str) -> Dict[str, object]:
         branches = []
@@ -379,7 +389,7 @@ class DMILModel(nn.Module):
         rec_1 = self.recon_1(m1.z_cat)  # [z_tr1, z_ir1]: (B, 2E) -> (B, E)
         rec_2 = self.recon_2(m2.z_cat)
         mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
-        if self.recompute and not self._reference:
+        if self._recomputes(mu_tr1):
             # Compact copies (differentiable): the fused first level then keeps no (B, 4E)
             # projection for the backward (it recomputes them), so these views would be all
             # that keeps them alive.
@@ -398,7 +408,7 @@ class DMILModel(nn.Module):
         """Redundancy, uniqueness, synergy and gating on (B, E) inputs (DESIGN section 1, stage 2)."""
         ref, backend = self._reference, self._op_backend
         h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend,
-                         recompute=self.recompute)
+                         recompute=self._recomputes(mu_tr1))
         # The reference path concatenates as the official model does; the fused path runs the first
         # layer on the parts (sequential_on_parts), so no (B, 2E) or (B, 4E) copy is kept for the
         # backward: the parts are kept by the classifiers anyway.
