@@ -81,3 +81,13 @@ def test_recompute_frees_exactly_the_two_first_level_projections_in_stage_1():
     kept = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=False)[0]
     recomputed = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=True)[0]
     assert kept - recomputed == 2 * 4 * e * (b - 1) * F32
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_without_the_triton_heads_recompute_copies_nothing(stage):
+    """On a CPU the automatic backend runs the heads in PyTorch, which keeps its own tensors:
+    recompute then changes nothing, not even by a copy."""
+    b, e = 8, 8
+    with_recompute = am.step_activation_bytes("dmil_fast", stage, b, e, backend=None, recompute=True)
+    without = am.step_activation_bytes("dmil_fast", stage, b, e, backend=None, recompute=False)
+    assert with_recompute == without
