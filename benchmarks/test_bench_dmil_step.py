@@ -7,7 +7,8 @@ architecture in eager PyTorch), ``compile`` (that model under ``torch.compile(dy
 CUDA only: compiling a whole training step takes minutes on a CPU) and ``dmil_fast``
 (``dmil_fast.nn.DMILModel``, automatic backends). Reported: samples/s; on CUDA the peak allocated
 memory of a step and the activation memory (allocated after forward + loss minus before it: what
-the step keeps alive for the backward).
+the step keeps alive for the backward). Both providers train with ``dmil_loss``.
+``activation_memory.py`` counts the activation memory from the autograd graph on any device.
 """
 
 from __future__ import annotations
