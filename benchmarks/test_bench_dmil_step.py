@@ -4,8 +4,10 @@ C = 309 classes.
 
 Providers: ``reference`` (``dmil_fast.reference.model.ReferenceDMILModel``, the official
 architecture in eager PyTorch), ``compile`` (that model under ``torch.compile(dynamic=False)``;
-CUDA only: compiling a whole training step takes minutes on a CPU) and ``dmil_fast``
-(``dmil_fast.nn.DMILModel``, automatic backends). Reported: samples/s; on CUDA the peak allocated
+CUDA only: compiling a whole training step takes minutes on a CPU), ``dmil_fast``
+(``dmil_fast.nn.DMILModel``, automatic backends) and ``dmil_fast_keep`` (the same with
+``recompute=False``: it keeps the heads' projections instead of rebuilding them in the backward,
+so the pair shows what ``recompute`` costs in time and saves in memory, side by side). Reported: samples/s; on CUDA the peak allocated
 memory of a step and the activation memory (allocated after forward + loss minus before it: what
 the step keeps alive for the backward). Both providers train with ``dmil_loss``.
 ``activation_memory.py`` counts the activation memory from the autograd graph on any device.
@@ -22,7 +24,7 @@ from bench_harness import (assert_finite, compiled, devices, label, measure, nee
 OP = "dmil_step"
 FEATURES = 512
 NUM_CLASSES = 309
-PROVIDERS = ("reference", "compile", "dmil_fast")
+PROVIDERS = ("reference", "compile", "dmil_fast", "dmil_fast_keep")
 CPU_CASES = [(64, 32, "identity")]  # (B, E, encoder)
 GPU_CASES = [(b, e, "identity") for b in (256, 4096) for e in (32, 256)] + [(4096, 256, "mlp")]
 #: The cases the training-step targets are judged on (bench_targets.py).
@@ -51,12 +53,14 @@ def _encoder(kind: str):
 
 
 def _model(provider: str, e: int, encoder: str, stage: int, device: str):
-    if provider == "dmil_fast":
+    kwargs = {}
+    if provider in ("dmil_fast", "dmil_fast_keep"):
         cls = need("dmil_fast.nn", "DMILModel")
+        kwargs["recompute"] = provider == "dmil_fast"
     else:
         cls = need("dmil_fast.reference.model", "ReferenceDMILModel")
     torch.manual_seed(0)
-    model = cls(_encoder(encoder), _encoder(encoder), e, NUM_CLASSES, None, stage, FEATURES)
+    model = cls(_encoder(encoder), _encoder(encoder), e, NUM_CLASSES, None, stage, FEATURES, **kwargs)
     model.to(device).train()
     model.configure_stage(stage)  # after train(): stage 2 keeps the frozen modules in eval mode
     return model
