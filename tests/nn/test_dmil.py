@@ -10,6 +10,7 @@ import dmil_fast as dm
 from dmil_fast.nn import STAGE1_MODULES
 from dmil_fast.reference import ReferenceDMILModel
 from dmil_fast.train import DMILConfig, dmil_loss
+from tests.conftest import triton_device
 
 E, C, D, B = 6, 4, 5, 7
 
@@ -329,14 +330,15 @@ def test_constructor_and_forward_validate_arguments():
 
 
 def test_triton_backend_matches_reference_in_stage3_train_mode():
-    """The fused Triton path (the CPU interpreter here, TRITON_INTERPRET=1 from conftest)."""
+    """The fused Triton path (on the GPU where there is one, else the CPU interpreter)."""
+    device = triton_device()
     model, ref = _pair(backend="triton")
     _quiet_noise(model, ref)
     for m in (model, ref):
-        m.train()
+        m.to(device).train()
         m.configure_stage(3)
-    x1, x2 = _inputs()
-    y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    x1, x2 = (x.to(device) for x in _inputs())
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2], device=device)
     out, expected = model(x1, x2), ref(x1, x2)
     for key in expected:
         torch.testing.assert_close(_flat(out[key]), _flat(expected[key]), rtol=1e-5, atol=1e-5, msg=key)
@@ -352,15 +354,16 @@ def test_triton_backend_matches_reference_in_stage3_train_mode():
 def test_recompute_changes_no_value_and_no_gradient(stage):
     """recompute=True (the default) against recompute=False on the fused Triton path, same weights
     and the same draws: the projections rebuilt in the backward give the same gradients."""
-    y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    device = triton_device()
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2], device=device)
     results = []
     for recompute in (True, False):
         torch.manual_seed(0)
         model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend="triton",
                              recompute=recompute)
-        model.train()
+        model.to(device).train()
         model.configure_stage(stage)
-        x1, x2 = _inputs()
+        x1, x2 = (x.to(device) for x in _inputs())
         torch.manual_seed(5)
         out = model(x1, x2)
         dmil_loss(out, y, stage=stage, config=DMILConfig())[0].backward()
