@@ -21,8 +21,9 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
 INCLUDE_DIR = "csrc"
 
 
-def cu_sources():
-    return sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+def sources(ext):
+    """csrc/**/*.<ext>, sorted (paths relative to the project root)."""
+    return sorted(glob.glob(os.path.join(INCLUDE_DIR, "**", f"*.{ext}"), recursive=True))
 
 
 def _flag(name):
@@ -36,8 +37,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     root = os.path.dirname(os.path.abspath(__file__))
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cuda_sources = cu_sources()
+    cpp_sources = sources("cpp")
+    cuda_sources = sources("cu")
     with_cuda = (
         not _flag("DMIL_FAST_NO_CUDA")
         and torch.version.cuda is not None

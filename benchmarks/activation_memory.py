@@ -33,8 +33,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-FEATURES = 512
-NUM_CLASSES = 309
+from bench_harness import DMIL_CLASSES, DMIL_FEATURES, dmil_step_batch, dmil_step_model  # noqa: E402
 
 
 def saved_activation_bytes(run: Callable[[], object], keep: Iterable[torch.Tensor] = ()
@@ -75,24 +74,14 @@ def step_activation_bytes(provider: str, stage: int, batch: int, embed: int, *,
     """(bytes, storages) kept for the backward by one training step of ``provider``
     ("reference": the official architecture and loss in eager PyTorch; "dmil_fast", built with
     ``recompute``)."""
-    from dmil_fast.nn import DMILModel
-    from dmil_fast.reference.model import ReferenceDMILModel
     from dmil_fast.train import DMILConfig, dmil_loss
 
     if provider not in ("reference", "dmil_fast"):
         raise ValueError(f"provider must be 'reference' or 'dmil_fast', got {provider!r}")
-    torch.manual_seed(0)
-    if provider == "dmil_fast":
-        model = DMILModel(None, None, embed, NUM_CLASSES, None, stage, FEATURES, backend=backend,
-                          recompute=recompute)
-    else:
-        model = ReferenceDMILModel(None, None, embed, NUM_CLASSES, None, stage, FEATURES)
-    model.to(device).train()
-    model.configure_stage(stage)
-    gen = torch.Generator(device=device).manual_seed(0)
-    visual = torch.randn(batch, FEATURES, device=device, generator=gen).relu()
-    audio = torch.randn(batch, FEATURES, device=device, generator=gen).relu()
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=gen)
+    if provider == "dmil_fast" and not recompute:
+        provider = "dmil_fast_keep"
+    model = dmil_step_model(provider, embed, stage, device, backend=backend)
+    visual, audio, labels = dmil_step_batch(batch, device)
     config = DMILConfig()
 
     def run():
@@ -121,8 +110,8 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     rows = []
-    print(f"activation memory kept for the backward, B={args.batch} D={FEATURES} E={args.embed} "
-          f"C={NUM_CLASSES}, dmil_fast backend={args.backend} recompute={args.recompute}, "
+    print(f"activation memory kept for the backward, B={args.batch} D={DMIL_FEATURES} E={args.embed} "
+          f"C={DMIL_CLASSES}, dmil_fast backend={args.backend} recompute={args.recompute}, "
           f"device={args.device}")
     print("| stage | official eager (MiB) | dmil_fast (MiB) | ratio |")
     print("|---|---|---|---|")
@@ -136,8 +125,8 @@ def main(argv=None) -> int:
         print(f"| {stage} | {ref / 2**20:.1f} | {fast / 2**20:.1f} | {fast / ref:.3f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch": args.batch, "embed": args.embed, "features": FEATURES,
-                       "num_classes": NUM_CLASSES, "backend": args.backend,
+            json.dump({"batch": args.batch, "embed": args.embed, "features": DMIL_FEATURES,
+                       "num_classes": DMIL_CLASSES, "backend": args.backend,
                        "recompute": args.recompute,
                        "device": args.device, "rows": rows}, f, indent=1)
     return 0

@@ -342,3 +342,52 @@ def assert_finite(*tensors: Iterable) -> None:
             assert bool(torch.isfinite(t.float()).all()), "benchmark output has NaN/inf values"
         elif isinstance(t, (tuple, list)):
             assert_finite(*t)
+
+
+# ---------------------------------------------------------------- the DMIL training step
+
+#: VGGSound-shaped features: 512-d pooled features per modality, 309 classes.
+DMIL_FEATURES = 512
+DMIL_CLASSES = 309
+#: Step providers: the official architecture (``compile`` compiles it), dmil_fast, and dmil_fast
+#: with ``recompute=False``.
+DMIL_STEP_PROVIDERS = ("reference", "compile", "dmil_fast", "dmil_fast_keep")
+
+
+def dmil_step_model(provider: str, embed: int, stage: int, device: str, *, encoder: str = "identity",
+                    backend: Optional[str] = None):
+    """The model of one step provider, seeded, in train mode with ``stage`` configured.
+
+    ``reference``/``compile``: ``ReferenceDMILModel``; ``dmil_fast``/``dmil_fast_keep``:
+    ``DMILModel`` with ``recompute`` True/False and ``backend``. ``encoder``: ``identity`` (the
+    inputs are the features) or ``mlp`` (the feature-data MLP encoders).
+    """
+    if provider not in DMIL_STEP_PROVIDERS:
+        raise ValueError(f"provider must be one of {DMIL_STEP_PROVIDERS}, got {provider!r}")
+    kwargs = {}
+    if provider in ("dmil_fast", "dmil_fast_keep"):
+        cls = need("dmil_fast.nn", "DMILModel")
+        kwargs = {"recompute": provider == "dmil_fast", "backend": backend}
+    else:
+        cls = need("dmil_fast.reference.model", "ReferenceDMILModel")
+
+    def make_encoder():
+        if encoder == "identity":
+            return None
+        mlp = need("dmil_fast.nn", "MLPEncoder")
+        return mlp(DMIL_FEATURES, hidden=DMIL_FEATURES, depth=2, out_dim=DMIL_FEATURES)
+
+    torch.manual_seed(0)
+    model = cls(make_encoder(), make_encoder(), embed, DMIL_CLASSES, None, stage, DMIL_FEATURES, **kwargs)
+    model.to(device).train()
+    model.configure_stage(stage)  # after train(): stage 2 keeps the frozen modules in eval mode
+    return model
+
+
+def dmil_step_batch(batch: int, device: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(visual, audio, labels) of one step, seeded: features >= 0 as pooled CNN features are."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    visual = torch.randn(batch, DMIL_FEATURES, device=device, generator=gen).relu()
+    audio = torch.randn(batch, DMIL_FEATURES, device=device, generator=gen).relu()
+    labels = torch.randint(0, DMIL_CLASSES, (batch,), device=device, generator=gen)
+    return visual, audio, labels

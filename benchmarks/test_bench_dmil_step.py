@@ -7,9 +7,11 @@ architecture in eager PyTorch), ``compile`` (that model under ``torch.compile(dy
 CUDA only: compiling a whole training step takes minutes on a CPU), ``dmil_fast``
 (``dmil_fast.nn.DMILModel``, automatic backends) and ``dmil_fast_keep`` (the same with
 ``recompute=False``: it keeps the heads' projections instead of rebuilding them in the backward,
-so the pair shows what ``recompute`` costs in time and saves in memory, side by side). Reported: samples/s; on CUDA the peak allocated
-memory of a step and the activation memory (allocated after forward + loss minus before it: what
-the step keeps alive for the backward). Both providers train with ``dmil_loss``.
+so the pair shows what ``recompute`` costs in time and saves in memory, side by side). Reported:
+samples/s; on CUDA the peak allocated memory of a step and the activation memory (allocated after
+forward + loss minus before it: what the step keeps alive for the backward). Every provider trains
+with ``dmil_loss``; the models and the batch come from ``bench_harness.dmil_step_model`` and
+``dmil_step_batch``.
 ``activation_memory.py`` counts the activation memory from the autograd graph on any device.
 """
 
@@ -18,13 +20,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_harness import (assert_finite, compiled, devices, label, measure, need, record, release_flush_buffer,
+from bench_harness import (DMIL_CLASSES, DMIL_FEATURES, DMIL_STEP_PROVIDERS, assert_finite, compiled, devices,
+                           dmil_step_batch, dmil_step_model, label, measure, need, record, release_flush_buffer,
                            synchronize, target_marks)
 
 OP = "dmil_step"
-FEATURES = 512
-NUM_CLASSES = 309
-PROVIDERS = ("reference", "compile", "dmil_fast", "dmil_fast_keep")
 CPU_CASES = [(64, 32, "identity")]  # (B, E, encoder)
 GPU_CASES = [(b, e, "identity") for b in (256, 4096) for e in (32, 256)] + [(4096, 256, "mlp")]
 #: The cases the training-step targets are judged on (bench_targets.py).
@@ -38,32 +38,11 @@ def _cases():
     for device in devices():
         for b, e, encoder in (CPU_CASES if device == "cpu" else GPU_CASES):
             for stage in (1, 2, 3):
-                for provider in PROVIDERS:
+                for provider in DMIL_STEP_PROVIDERS:
                     out.append(pytest.param(device, b, e, encoder, stage, provider,
                                             marks=target_marks(device, (b, e, encoder), TARGETS),
                                             id=f"{device}-B{b}-E{e}-{encoder}-stage{stage}-{provider}"))
     return out
-
-
-def _encoder(kind: str):
-    if kind == "identity":
-        return None
-    mlp = need("dmil_fast.nn", "MLPEncoder")
-    return mlp(FEATURES, hidden=FEATURES, depth=2, out_dim=FEATURES)
-
-
-def _model(provider: str, e: int, encoder: str, stage: int, device: str):
-    kwargs = {}
-    if provider in ("dmil_fast", "dmil_fast_keep"):
-        cls = need("dmil_fast.nn", "DMILModel")
-        kwargs["recompute"] = provider == "dmil_fast"
-    else:
-        cls = need("dmil_fast.reference.model", "ReferenceDMILModel")
-    torch.manual_seed(0)
-    model = cls(_encoder(encoder), _encoder(encoder), e, NUM_CLASSES, None, stage, FEATURES, **kwargs)
-    model.to(device).train()
-    model.configure_stage(stage)  # after train(): stage 2 keeps the frozen modules in eval mode
-    return model
 
 
 @pytest.mark.parametrize("device, b, e, encoder, stage, provider", _cases())
@@ -73,15 +52,12 @@ def test_bench_dmil_step(benchmark, device, b, e, encoder, stage, provider):
     dmil_loss = need("dmil_fast.train", "dmil_loss")
     config = need("dmil_fast.train", "DMILConfig")()
     label(benchmark, op=OP, variant=f"stage{stage} {encoder}", provider=provider,
-          shape=f"B={b} D={FEATURES} E={e} C={NUM_CLASSES}", dtype=torch.float32, device=device)
-    model = _model(provider, e, encoder, stage, device)
+          shape=f"B={b} D={DMIL_FEATURES} E={e} C={DMIL_CLASSES}", dtype=torch.float32, device=device)
+    model = dmil_step_model(provider, e, stage, device, encoder=encoder)
     forward = compiled(model) if provider == "compile" else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.stage_lr(stage),
                                 momentum=config.momentum, weight_decay=config.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(0)
-    visual = torch.randn(b, FEATURES, device=device, generator=gen).relu()  # pooled CNN features are >= 0
-    audio = torch.randn(b, FEATURES, device=device, generator=gen).relu()
-    labels = torch.randint(0, NUM_CLASSES, (b,), device=device, generator=gen)
+    visual, audio, labels = dmil_step_batch(b, device)
 
     def loss_of_batch():
         loss, _ = dmil_loss(forward(visual, audio), labels, stage=stage, config=config)

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_mod  # the global forward (pre-)hook registries
 
 from ..ops import BACKENDS
 from ..ops._dispatch import choose_backend
@@ -79,10 +80,8 @@ def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as module_mod
-
     return bool(module._forward_hooks or module._forward_pre_hooks
-                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+                or _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
 
 
 def parts_path_applies(net: nn.Sequential, parts: Sequence[Tensor]) -> bool:
@@ -102,10 +101,10 @@ def parts_path_applies(net: nn.Sequential, parts: Sequence[Tensor]) -> bool:
     return not torch.is_autocast_enabled(parts[0].device.type)
 
 
-def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor]) -> Tensor:
+def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor], *, split: bool = True) -> Tensor:
     """``net(torch.cat(parts, dim=1))``, its first layer run by :func:`linear_on_parts` where
-    :func:`parts_path_applies`, else exactly that concatenated call."""
-    if not parts_path_applies(net, parts):
+    ``split`` and :func:`parts_path_applies`, else exactly that concatenated call."""
+    if not (split and parts_path_applies(net, parts)):
         return net(torch.cat(parts, dim=1))
     out = linear_on_parts(net[0], parts)
     for layer in list(net)[1:]:
@@ -311,7 +310,8 @@ class DMILModel(nn.Module):
         only its Triton backend does, so only then are views of them worth copying out."""
         if not self.recompute or self._reference:
             return False
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         return choose_backend("variational_bottleneck", self._op_backend, x.device, dtype) == "triton"
 
     def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
@@ -335,25 +335,30 @@ class DMILModel(nn.Module):
         if self.stage == 1 and train_modality not in TRAIN_MODALITIES:
             raise ValueError(f"train_modality must be one of {TRAIN_MODALITIES}, got {train_modality!r}")
         e1, e2 = self.embed(visual, audio)
+        return self._run_stage(e1, e2, train_modality)
+
+    def _run_stage(self, e1: Tensor, e2: Tensor, train_modality: str) -> Dict[str, object]:
+        recompute = self._recomputes(e1)  # decided once per forward, for every head group
         if self.stage == 1:
-            return self._stage1(e1, e2, train_modality)
+            return self._stage1(e1, e2, train_modality, recompute)
         if self.stage == 2:
-            return self._stage2(e1, e2)
+            return self._stage2(e1, e2, recompute)
         if self.stage == 3:
-            return self._stage3(e1, e2)
+            return self._stage3(e1, e2, recompute)
         raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
 
-    def _first_level(self, pairs, *, draw: str):
+    def _first_level(self, pairs, *, draw: str, recompute: bool):
         return first_level(pairs, sample=self.training, reference=self._reference, draw=draw,
-                           backend=self._op_backend, recompute=self._recomputes(pairs[0][0]))
+                           backend=self._op_backend, recompute=recompute)
 
-    def _stage1(self, e1: Tensor, e2: Tensor, train_modality: str) -> Dict[str, object]:
+    def _stage1(self, e1: Tensor, e2: Tensor, train_modality: str, recompute: bool) -> Dict[str, object]:
         branches = []
         if train_modality in ("both", "visual"):
             branches.append((e1, (self.IB_m1_tr, self.IB_m1_ir), self.recon_1, self.tr1_fc))
         if train_modality in ("both", "audio"):
             branches.append((e2, (self.IB_m2_tr, self.IB_m2_ir), self.recon_2, self.tr2_fc))
-        pairs = self._first_level([(x, heads) for x, heads, _, _ in branches], draw="per_modality")
+        pairs = self._first_level([(x, heads) for x, heads, _, _ in branches], draw="per_modality",
+                                  recompute=recompute)
         results = []
         for (x, _, recon, clf), hp in zip(branches, pairs):
             rec = recon(hp.z_cat)  # [z_tr, z_ir]: (B, 2E) -> (B, E)
@@ -368,33 +373,35 @@ class DMILModel(nn.Module):
         return {"v_out": logits, "a_out": logits, "out": logits,
                 "loss_IB": losses[0], "loss_rec_input": losses[1]}
 
-    def _stage2(self, e1: Tensor, e2: Tensor) -> Dict[str, object]:
+    def _stage2(self, e1: Tensor, e2: Tensor, recompute: bool) -> Dict[str, object]:
         with torch.no_grad():  # stage-1 modules are frozen: no graph through them
             m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
-                                        (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="ir_only")
+                                        (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="ir_only",
+                                       recompute=recompute)
         mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
         if not self._reference:
             # Compact copies: the fused means are views of each head pair's whole (B, 4E)
             # projection, which the second level would otherwise keep alive for its backward.
             # (The reference path keeps the official layout: its GEMMs then round the same way.)
             mu_tr1, mu_tr2 = mu_tr1.contiguous(), mu_tr2.contiguous()
-        outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir)
+        outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir, recompute)
         outputs["v_out"] = self.tr1_fc(mu_tr1)
         outputs["a_out"] = self.tr2_fc(mu_tr2)
         return outputs
 
-    def _stage3(self, e1: Tensor, e2: Tensor) -> Dict[str, object]:
+    def _stage3(self, e1: Tensor, e2: Tensor, recompute: bool) -> Dict[str, object]:
         m1, m2 = self._first_level([(e1, (self.IB_m1_tr, self.IB_m1_ir)),
-                                    (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="tr_then_ir")
+                                    (e2, (self.IB_m2_tr, self.IB_m2_ir))], draw="tr_then_ir",
+                                   recompute=recompute)
         rec_1 = self.recon_1(m1.z_cat)  # [z_tr1, z_ir1]: (B, 2E) -> (B, E)
         rec_2 = self.recon_2(m2.z_cat)
         mu_tr1, mu_tr2 = m1.mu_tr, m2.mu_tr
-        if self._recomputes(mu_tr1):
+        if recompute:
             # Compact copies (differentiable): the fused first level then keeps no (B, 4E)
             # projection for the backward (it recomputes them), so these views would be all
             # that keeps them alive.
             mu_tr1, mu_tr2 = mu_tr1.contiguous(), mu_tr2.contiguous()
-        outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir)
+        outputs = self._second_level(mu_tr1, mu_tr2, m1.z_ir, m2.z_ir, recompute)
         ref = self._reference
         outputs.update({
             "v_out": self.tr1_fc(m1.z_tr),
@@ -404,23 +411,25 @@ class DMILModel(nn.Module):
         })
         return outputs
 
-    def _second_level(self, mu_tr1: Tensor, mu_tr2: Tensor, z_ir1: Tensor, z_ir2: Tensor) -> Dict[str, object]:
+    def _second_level(self, mu_tr1: Tensor, mu_tr2: Tensor, z_ir1: Tensor, z_ir2: Tensor,
+                      recompute: bool) -> Dict[str, object]:
         """Redundancy, uniqueness, synergy and gating on (B, E) inputs (DESIGN section 1, stage 2)."""
         ref, backend = self._reference, self._op_backend
         h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend,
-                         recompute=self._recomputes(mu_tr1))
+                         recompute=recompute)
         # The reference path concatenates as the official model does; the fused path runs the first
         # layer on the parts (sequential_on_parts), so no (B, 2E) or (B, 4E) copy is kept for the
         # backward: the parts are kept by the classifiers anyway.
-        on_parts = (lambda net, parts: net(torch.cat(parts, dim=1))) if ref else sequential_on_parts
-        rec_tr_1 = on_parts(self.recon_tr_1, (h.z_red, h.z_unique_1))  # (B, 2E) -> (B, E)
-        rec_tr_2 = on_parts(self.recon_tr_2, (h.z_red, h.z_unique_2))
+        # (B, 2E) -> (B, E)
+        rec_tr_1 = sequential_on_parts(self.recon_tr_1, (h.z_red, h.z_unique_1), split=not ref)
+        rec_tr_2 = sequential_on_parts(self.recon_tr_2, (h.z_red, h.z_unique_2), split=not ref)
         z_synergy = self.cross_modality(z_ir1, z_ir2)
         out_red = self.red_fc(h.z_red)
         out_unique_1 = self.unique1_fc(h.z_unique_1)
         out_unique_2 = self.unique2_fc(h.z_unique_2)
         out_synergy = self.synergy_fc(z_synergy)
-        gate = on_parts(self.gating_network, (h.z_unique_1, h.z_unique_2, h.z_red, z_synergy))  # (B, 4)
+        gate = sequential_on_parts(self.gating_network, (h.z_unique_1, h.z_unique_2, h.z_red, z_synergy),
+                                   split=not ref)  # (B, 4)
         out = (gate[:, 0:1] * out_unique_1 + gate[:, 1:2] * out_unique_2
                + gate[:, 2:3] * out_red + gate[:, 3:4] * out_synergy)
         return {
@@ -456,12 +465,7 @@ class DMILModel(nn.Module):
         self.eval()
         try:
             e1, e2 = self.embed(visual, audio)
-            if self.stage == 1:
-                outputs = self._stage1(e1, e2, "both")
-            elif self.stage == 2:
-                outputs = self._stage2(e1, e2)
-            else:
-                outputs = self._stage3(e1, e2)
+            outputs = self._run_stage(e1, e2, "both")
         finally:
             for module, mode in modes:
                 module.training = mode

@@ -34,13 +34,16 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
+NVCC = _nvcc()
+
+
 def _build_settings():
     """setup.py's flags and CUDA sources, read without running the build."""
     cwd = os.getcwd()
     os.chdir(ROOT)  # setup.py globs csrc/ relative to the project root
     try:
         settings = runpy.run_path(str(ROOT / "setup.py"), run_name="dmil_fast_build_settings")
-        return settings["NVCC_FLAGS"], settings["INCLUDE_DIR"], settings["cu_sources"]()
+        return settings["NVCC_FLAGS"], settings["INCLUDE_DIR"], settings["sources"]("cu")
     finally:
         os.chdir(cwd)
 
@@ -49,7 +52,7 @@ def _build_settings():
                     and extension_built_with_cuda(),
                     reason="the installed extension was built with its CUDA kernels, which the "
                            "CUDA tests run")
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (on PATH, CUDA_HOME or CUDA_PATH)")
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (on PATH, CUDA_HOME or CUDA_PATH)")
 def test_cuda_sources_compile_for_sm90(tmp_path):
     nvcc_flags, include_dir, sources = _build_settings()
     assert sources, "setup.py found no .cu sources under csrc/"
@@ -57,7 +60,7 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
     for source in sources:
         obj = tmp_path / (Path(source).stem + ".o")
         cmd = [
-            _nvcc(), "-c", str(ROOT / source), "-o", str(obj), *includes,
+            NVCC, "-c", str(ROOT / source), "-o", str(obj), *includes,
             *cpp_extension.COMMON_NVCC_FLAGS, *nvcc_flags,
             "--compiler-options", "-fPIC",
             "-DDMIL_FAST_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
