@@ -4,12 +4,15 @@ Every op lives in its own folder under csrc/ (``csrc/<op>/*.cpp`` for the CPU ke
 ``csrc/<op>/*.cu`` for the CUDA kernel); ``csrc/extension.cpp`` is the pybind11 module shell.
 Set ``DMIL_FAST_NO_EXTENSION=1`` to skip the extension (the pure-PyTorch and Triton backends
 still work), ``DMIL_FAST_FORCE_CUDA=1`` to compile the CUDA sources even where no GPU is
-visible (a CUDA build of torch and nvcc are still required), ``DMIL_FAST_NO_CUDA=1`` to build
-the CPU kernels only.
+visible (a CUDA build of torch and nvcc are still required; unless ``TORCH_CUDA_ARCH_LIST`` says
+otherwise, the kernels are then compiled for every architecture the installed torch was built
+for), ``DMIL_FAST_NO_CUDA=1`` to build the CPU kernels only.
 """
 
 import glob
 import os
+import re
+import sys
 
 from setuptools import setup
 
@@ -28,6 +31,31 @@ def sources(ext):
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def arch_list_from_flags(flags):
+    """TORCH_CUDA_ARCH_LIST for torch's ``sm_XY`` arch flags: ``"sm_75 sm_90a"`` -> ``"7.5;9.0a"``."""
+    archs = []
+    for flag in flags.split():
+        match = re.fullmatch(r"sm_(\d+)(\d)([a-z]?)", flag)
+        if match:
+            archs.append(f"{match[1]}.{match[2]}{match[3]}")
+    return ";".join(archs)
+
+
+def _set_default_arch_list(torch):
+    # With no GPU visible torch cannot pick the architectures itself (its build fails with an
+    # IndexError); default to the ones the installed torch runs on, so that the build runs there.
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return
+    get_flags = getattr(torch._C, "_cuda_getArchFlags", None)
+    archs = arch_list_from_flags(get_flags() if get_flags else "") or "9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    print(
+        f"dmil_fast: no GPU visible, compiling the CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} "
+        "(set TORCH_CUDA_ARCH_LIST to choose)",
+        file=sys.stderr,
+    )
 
 
 def _extensions():
@@ -49,6 +77,7 @@ def _extensions():
     extra_link = ["-fopenmp"] if os.name != "nt" else []
     include_dirs = [os.path.join(root, INCLUDE_DIR)]
     if with_cuda:
+        _set_default_arch_list(torch)
         define_macros.append(("DMIL_FAST_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "dmil_fast._C",

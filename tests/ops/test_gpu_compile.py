@@ -37,15 +37,53 @@ def _nvcc():
 NVCC = _nvcc()
 
 
+def _setup_module():
+    """setup.py's globals, read without running the build."""
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="dmil_fast_build_settings")
+
+
 def _build_settings():
-    """setup.py's flags and CUDA sources, read without running the build."""
+    """setup.py's flags and CUDA sources."""
     cwd = os.getcwd()
     os.chdir(ROOT)  # setup.py globs csrc/ relative to the project root
     try:
-        settings = runpy.run_path(str(ROOT / "setup.py"), run_name="dmil_fast_build_settings")
+        settings = _setup_module()
         return settings["NVCC_FLAGS"], settings["INCLUDE_DIR"], settings["sources"]("cu")
     finally:
         os.chdir(cwd)
+
+
+def test_arch_list_from_torch_arch_flags():
+    to_list = _setup_module()["arch_list_from_flags"]
+    assert to_list("sm_75 sm_80 sm_86 sm_90 sm_100 sm_120") == "7.5;8.0;8.6;9.0;10.0;12.0"
+    assert to_list("sm_90a compute_90") == "9.0a"  # PTX-only entries are not architectures
+    assert to_list("") == ""
+
+
+class _FakeTorch:
+    """What setup.py reads of torch when it picks the architectures."""
+
+    def __init__(self, gpu, flags):
+        self.cuda = type("cuda", (), {"is_available": staticmethod(lambda: gpu)})
+        self._C = type("C", (), {} if flags is None else
+                       {"_cuda_getArchFlags": staticmethod(lambda: flags)})
+
+
+@pytest.mark.parametrize("gpu, flags, preset, expected", [
+    (False, "sm_80 sm_90", None, "8.0;9.0"),  # forced build without a GPU: torch's own archs
+    (False, None, None, "9.0"),               # torch does not say: Hopper, the target
+    (False, "sm_80 sm_90", "8.9", "8.9"),     # the user's choice stands
+    (True, "sm_80 sm_90", None, None),        # a visible GPU: torch picks it itself
+])
+def test_forced_cuda_build_picks_architectures(monkeypatch, capsys, gpu, flags, preset, expected):
+    if preset is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", preset)
+    _setup_module()["_set_default_arch_list"](_FakeTorch(gpu, flags))
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") == expected
+    said = capsys.readouterr().err
+    assert (f"TORCH_CUDA_ARCH_LIST={expected}" in said) == (preset is None and not gpu)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and extension_status() is None
