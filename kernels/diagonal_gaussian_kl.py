@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import accumulation_dtype
 from .gaussian_sample import acc_dtype, tile
 
 
@@ -100,8 +101,7 @@ def diagonal_gaussian_kl_rows_fwd(q_mu: torch.Tensor, q_logvar: torch.Tensor, p_
     """All (B, E), any strides (priors may have stride 0) -> (B,) per-row KL sums, float32
     (float64 for float64 inputs)."""
     b, e = q_mu.shape
-    out_dtype = torch.float64 if q_mu.dtype == torch.float64 else torch.float32
-    rows = torch.empty((b,), dtype=out_dtype, device=q_mu.device)
+    rows = torch.empty((b,), dtype=accumulation_dtype(q_mu.dtype), device=q_mu.device)
     block_r, block_e, warps = tile(b, e, q_mu.device)
     _diagonal_gaussian_kl_fwd_kernel[(triton.cdiv(b, block_r),)](
         rows, rows.stride(0),

@@ -14,10 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import accumulation_dtype
+
 
 def acc_dtype(dtype: torch.dtype):
     """Triton type the kernels compute in: float64 for float64 inputs, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 def tile(n_rows: int, n_cols: int, device: torch.device):

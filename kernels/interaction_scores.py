@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import accumulation_dtype
 from .gaussian_sample import acc_dtype, tile
 
 
@@ -187,10 +188,6 @@ def _interaction_scores_bwd_kernel(
                     rows64, cols, y, valid, g_i12, row_mask, mask, ACC_DTYPE)
 
 
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def interaction_scores_fwd(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
                            redundancy: int):
     """logits_*: (B, C) any strides, one dtype; labels: (B,) int64; entropy_*: (B,) in the
@@ -199,7 +196,7 @@ def interaction_scores_fwd(logits_1, logits_2, logits_12, labels, entropy_1, ent
     b, c = logits_1.shape
     dev = logits_1.device
     scores = torch.empty((b, 7), dtype=logits_1.dtype, device=dev)
-    lse = torch.empty((b, 3), dtype=_acc_torch_dtype(logits_1.dtype), device=dev)
+    lse = torch.empty((b, 3), dtype=accumulation_dtype(logits_1.dtype), device=dev)
     if b == 0:
         return scores, lse
     lsmi = redundancy == 0
@@ -225,7 +222,7 @@ def interaction_scores_bwd(grad_scores, scores, lse, logits_1, logits_2, logits_
     b, c = logits_1.shape
     dev = logits_1.device
     grads = [torch.empty((b, c), dtype=logits_1.dtype, device=dev) for _ in range(3)]
-    g_entropy = torch.zeros((b, 2), dtype=_acc_torch_dtype(logits_1.dtype), device=dev)
+    g_entropy = torch.zeros((b, 2), dtype=accumulation_dtype(logits_1.dtype), device=dev)
     if b == 0:
         return (*grads, g_entropy)
     lsmi = redundancy == 0

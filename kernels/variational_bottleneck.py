@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import accumulation_dtype
 from .gaussian_sample import acc_dtype, standard_normal, tile
 
 
@@ -110,8 +111,7 @@ def vb_epilogue_fwd(h: torch.Tensor, seed: torch.Tensor, groups: int, sample: bo
     and kl_rows: (B, G) per-(sample, head) KL sums in float32 (float64 for float64 h)."""
     b, width = h.shape
     e = width // (2 * groups)
-    kl_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    kl_rows = torch.empty((b, groups), dtype=kl_dtype, device=h.device)
+    kl_rows = torch.empty((b, groups), dtype=accumulation_dtype(h.dtype), device=h.device)
     z = torch.empty((b, groups, e), dtype=h.dtype, device=h.device) if sample else None
     z_arg, z_strides = (z, z.stride()) if sample else (kl_rows, (0, 0, 0))
     block_r, block_e, warps = tile(b * groups, e, h.device)

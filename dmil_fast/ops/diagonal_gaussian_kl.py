@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..kernels import accumulation_dtype
 from ..reference.gaussian import diagonal_gaussian_kl_ref
 from ._dispatch import choose_backend, register
 from ._validate import check_choice, check_same_device, check_same_dtype, check_same_shape, check_tensor
@@ -38,13 +39,9 @@ def _kl_rows_op(q_mu: torch.Tensor, q_logvar: torch.Tensor, p_mu: torch.Tensor,
     return rows.view(shape[:-1])
 
 
-def _rows_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @_kl_rows_op.register_fake
 def _(q_mu, q_logvar, p_mu, p_logvar):
-    return q_mu.new_empty(q_mu.shape[:-1], dtype=_rows_dtype(q_mu.dtype))
+    return q_mu.new_empty(q_mu.shape[:-1], dtype=accumulation_dtype(q_mu.dtype))
 
 
 @torch.library.custom_op("dmil_fast::diagonal_gaussian_kl_rows_backward", mutates_args=())
@@ -57,7 +54,7 @@ def _kl_rows_backward_op(grad_rows: torch.Tensor, q_mu: torch.Tensor, q_logvar: 
     g_qmu, g_qlv, g_pmu, g_plv = diagonal_gaussian_kl_rows_bwd(
         grad_rows.reshape(-1), _flat(q_mu, shape), _flat(q_logvar, shape), _flat(p_mu, shape),
         _flat(p_logvar, shape), p_mu_grad=p_mu_grad, p_logvar_grad=p_logvar_grad,
-        prior_grad_dtype=_rows_dtype(q_mu.dtype))
+        prior_grad_dtype=accumulation_dtype(q_mu.dtype))
     # Broadcast priors: reduce their (B, E) gradients (kept in float32) to the priors' shapes.
     g_pmu = g_pmu.view(shape).sum_to_size(p_mu.shape).to(p_mu.dtype) if p_mu_grad else p_mu.new_empty(0)
     g_plv = (g_plv.view(shape).sum_to_size(p_logvar.shape).to(p_logvar.dtype) if p_logvar_grad

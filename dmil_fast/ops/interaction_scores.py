@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kernels import accumulation_dtype
 from ..reference.interactions import InteractionScores, interaction_scores_ref
 from ._dispatch import (
     OpBackends,
@@ -41,11 +42,6 @@ _CUDA_DTYPES = FLOAT_DTYPES
 _TRITON_DTYPES_CPU = (torch.float32, torch.float64)
 _TRITON_DTYPES_CUDA = (torch.float16, torch.bfloat16, torch.float32)
 _INTERACTION_FIELDS = ("redundancy", "unique_1", "unique_2", "synergy")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the fused kernels: float64 for float64 logits, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _op_reason() -> Optional[str]:
@@ -87,13 +83,13 @@ def _fake_forward(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, l
                   redundancy):
     batch = logits_1.shape[0]
     scores = logits_1.new_empty((batch, 7))
-    lse = logits_1.new_empty((batch, 3), dtype=_acc_dtype(logits_1.dtype))
+    lse = logits_1.new_empty((batch, 3), dtype=accumulation_dtype(logits_1.dtype))
     return scores, lse
 
 
 def _fake_backward(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels, entropy_1,
                    entropy_2, redundancy):
-    grad_entropy = logits_1.new_empty((logits_1.shape[0], 2), dtype=_acc_dtype(logits_1.dtype))
+    grad_entropy = logits_1.new_empty((logits_1.shape[0], 2), dtype=accumulation_dtype(logits_1.dtype))
     return (torch.empty_like(logits_1, memory_format=torch.contiguous_format),
             torch.empty_like(logits_2, memory_format=torch.contiguous_format),
             torch.empty_like(logits_12, memory_format=torch.contiguous_format),
@@ -272,7 +268,7 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
             log_prior=log_prior.detach() if log_prior is not None else None, redundancy=redundancy)
         _check_no_nan(torch.stack(tuple(out)), **nan_sources)
         return out
-    acc = _acc_dtype(logits_1.dtype)
+    acc = accumulation_dtype(logits_1.dtype)
     lsmi = redundancy == "lsmi"
     fused = (torch.ops.dmil_fast.interaction_scores_triton if choice == "triton"
              else torch.ops.dmil_fast.interaction_scores)

@@ -16,16 +16,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kernels import accumulation_dtype
 from ..reference.gaussian import variational_bottleneck_grouped_ref, variational_bottleneck_ref
 from ._dispatch import choose_backend, register
 from ._validate import check_same_device, check_same_dtype, check_tensor
 from .gaussian_sample import backends_of, check_seed, seed_tensor, seeded_generator
 
 register(backends_of("variational_bottleneck"))
-
-
-def _rows_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("dmil_fast::variational_bottleneck", mutates_args=())
@@ -45,7 +42,7 @@ def _vb_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 def _(x, weight, bias, seed, groups, sample, recompute):
     b, width = x.shape[0], weight.shape[0]
     z = x.new_empty((b, groups, width // (2 * groups)) if sample else (0,))
-    return x.new_empty((b, width)), z, x.new_empty((b, groups), dtype=_rows_dtype(x.dtype))
+    return x.new_empty((b, width)), z, x.new_empty((b, groups), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("dmil_fast::variational_bottleneck_backward", mutates_args=())
