@@ -22,11 +22,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _JSON_PATH = pytest.StashKey[Path]()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "target: a case the performance targets are judged on "
-                                       "(bench_targets.py); `-m target` runs only those")
-
-
 def pytest_addoption(parser):
     group = parser.getgroup("dmil_fast benchmarks")
     group.addoption("--bench-save", action="store_true", default=False,

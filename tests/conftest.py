@@ -57,6 +57,3 @@ def _seed_everything():
     torch.manual_seed(0)
     yield
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")

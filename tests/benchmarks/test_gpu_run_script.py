@@ -20,7 +20,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run(out, *phases, **env):
-    full_env = dict(os.environ, PYTHON=sys.executable, **env)
+    # Not the PYTEST_XDIST_* variables of a worker running this test: the script's pytest would
+    # take itself for an xdist worker, and pytest-benchmark then disables every benchmark.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    full_env.update(PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(SCRIPT), str(out), *phases], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=600)
 
