@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules import module as _module_mod  # the global forward (pre-)hook registries
 
 from ..ops import BACKENDS
-from ..ops._dispatch import choose_backend
+from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from .decomposition import align_kl, first_level, recon_loss, second_level
 
@@ -310,9 +310,7 @@ class DMILModel(nn.Module):
         only its Triton backend does, so only then are views of them worth copying out."""
         if not self.recompute or self._reference:
             return False
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        return choose_backend("variational_bottleneck", self._op_backend, x.device, dtype) == "triton"
+        return variational_bottleneck_backend(x, self._op_backend) == "triton"
 
     def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
         """Encoders, (T, H, W) pooling and ``embed_v``/``embed_a``: -> e1, e2 of shape (B, E)."""

@@ -114,21 +114,26 @@ def _validate(x, weight, bias, groups, sample, seed, recompute) -> torch.device:
     return check_same_device(x=x, weight=weight, bias=bias)
 
 
+def _op_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype an input of ``dtype`` has inside the op, cast as torch's own Linear is cast:
+    under autocast every floating dtype but float64 becomes the autocast dtype, whatever it was
+    (a bf16 activation meets the float32 parameters of the layer that holds them)."""
+    if dtype.is_floating_point and dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def _autocast_inputs(x, weight, bias, device):
-    """Cast as torch's own Linear is cast under autocast, then check that the dtypes agree.
-
-    Under autocast every floating input that is not float64 goes to the autocast dtype, whatever
-    its own dtype: a bf16 activation meets the float32 parameters of the layer that holds them.
-    """
-    if torch.is_autocast_enabled(device.type):
-        low = torch.get_autocast_dtype(device.type)
-
-        def cast(t):
-            return t if t is None or t.dtype == torch.float64 or not t.is_floating_point() else t.to(low)
-
-        x, weight, bias = cast(x), cast(weight), cast(bias)
+    """Cast to :func:`_op_dtype`, then check that the dtypes agree."""
+    x, weight, bias = (t if t is None else t.to(_op_dtype(t.dtype, device.type)) for t in (x, weight, bias))
     check_same_dtype(x=x, weight=weight, bias=bias)
     return x, weight, bias
+
+
+def variational_bottleneck_backend(x: torch.Tensor, backend: Optional[str] = None) -> str:
+    """The backend ``variational_bottleneck(_grouped)`` runs for an input like ``x`` (its dtype
+    taken after the op's autocast cast) when asked for ``backend``."""
+    return choose_backend("variational_bottleneck", backend, x.device, _op_dtype(x.dtype, x.device.type))
 
 
 def _triton_forward(x, weight, bias, groups, sample, seed, device, recompute):

@@ -379,3 +379,26 @@ def test_recompute_changes_no_value_and_no_gradient(stage):
 def test_recompute_must_be_a_bool():
     with pytest.raises(TypeError, match="recompute must be a bool, got str"):
         dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, recompute="yes")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_float64_model_under_autocast_runs_as_without_it(stage):
+    """Autocast leaves float64 alone (as torch's Linear does), so the heads' op keeps float64: the
+    recompute decision must ask about float64 too, not the autocast dtype (which the Triton backend
+    may not run here), and the outputs equal those outside autocast."""
+    device = triton_device()
+    torch.manual_seed(0)
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend="triton")
+    model.to(device, torch.float64).train()
+    model.configure_stage(stage)
+    x1, x2 = (x.to(device, torch.float64) for x in _inputs())
+    torch.manual_seed(5)
+    plain = model(x1, x2)
+    torch.manual_seed(5)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        cast = model(x1, x2)
+    # Not bit for bit: under autocast the gate's first layer runs on the concatenation of its
+    # parts (parts_path_applies), which sums in another order.
+    for key in plain:
+        assert _flat(cast[key]).dtype == torch.float64, key
+        torch.testing.assert_close(_flat(cast[key]), _flat(plain[key]), rtol=1e-12, atol=1e-12, msg=key)
