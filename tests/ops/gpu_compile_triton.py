@@ -117,6 +117,7 @@ def _gpu_tiles():
 
 def cases() -> List[Tuple[str, Callable[[], object]]]:
     """(name, call) for every launcher call to compile."""
+    from dmil_fast.kernels import accumulation_dtype
     from dmil_fast.kernels import diagonal_gaussian_kl as kl
     from dmil_fast.kernels import gaussian_sample as gs
     from dmil_fast.kernels import interaction_scores as isc
@@ -127,7 +128,7 @@ def cases() -> List[Tuple[str, Callable[[], object]]]:
     b, e, groups = 64, 256, 3
     for name, dt in DTYPES.items():
         every = name in ALL_BRANCHES
-        acc = torch.float64 if dt == torch.float64 else torch.float32
+        acc = accumulation_dtype(dt)  # the dtype of the per-row buffers the ops pass
 
         def x(*shape, dt=dt):
             return torch.randn(*shape).to(dt)
