@@ -12,10 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import activation_memory as am  # noqa: E402
 
+from tests.conftest import triton_device  # noqa: E402
+
 B, D, H = 8, 5, 6
 F32 = 4
-# The Triton path runs on the GPU where there is one, else under the interpreter (root conftest).
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _leaves():
@@ -80,8 +80,8 @@ def test_recompute_frees_exactly_the_two_first_level_projections_in_stage_1():
     """Stage 1 keeps, per modality, the (B, 4E) projection of the tr/ir head pair, or with
     recompute the (4E,) concatenated bias instead: 2 * 4E * (B - 1) floats less in all."""
     b, e = 8, 8
-    kept = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=False, device=TRITON_DEVICE)[0]
-    recomputed = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=True, device=TRITON_DEVICE)[0]
+    kept = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=False, device=triton_device())[0]
+    recomputed = am.step_activation_bytes("dmil_fast", 1, b, e, recompute=True, device=triton_device())[0]
     assert kept - recomputed == 2 * 4 * e * (b - 1) * F32
 
 
