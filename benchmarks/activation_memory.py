@@ -33,7 +33,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-from bench_harness import DMIL_CLASSES, DMIL_FEATURES, dmil_step_batch, dmil_step_model  # noqa: E402
+from bench_harness import DMIL_CLASSES, DMIL_FEATURES, dmil_step_batch, dmil_step_loss, dmil_step_model  # noqa: E402
 
 
 def saved_activation_bytes(run: Callable[[], object], keep: Iterable[torch.Tensor] = ()
@@ -74,13 +74,14 @@ def step_activation_bytes(provider: str, stage: int, batch: int, embed: int, *,
     """(bytes, storages) kept for the backward by one training step of ``provider``
     ("reference": the official architecture and loss in eager PyTorch; "dmil_fast", built with
     ``recompute``)."""
-    from dmil_fast.train import DMILConfig, dmil_loss
+    from dmil_fast.train import DMILConfig
 
     if provider not in ("reference", "dmil_fast"):
         raise ValueError(f"provider must be 'reference' or 'dmil_fast', got {provider!r}")
     if provider == "dmil_fast" and not recompute:
         provider = "dmil_fast_keep"
     model = dmil_step_model(provider, embed, stage, device, backend=backend)
+    dmil_loss = dmil_step_loss(provider)
     visual, audio, labels = dmil_step_batch(batch, device)
     config = DMILConfig()
 

@@ -384,6 +384,19 @@ def dmil_step_model(provider: str, embed: int, stage: int, device: str, *, encod
     return model
 
 
+def dmil_step_loss(provider: str) -> Callable:
+    """``dmil_loss`` as the step of ``provider`` computes it: ``reference``/``compile`` with the
+    official trainer's ``F.cross_entropy`` for every term, ``dmil_fast``/``dmil_fast_keep`` with
+    dmil_loss's default (``lean_cross_entropy`` for the parts' logits, which the gate keeps anyway:
+    no (B, C) log-softmax kept beside them)."""
+    if provider not in DMIL_STEP_PROVIDERS:
+        raise ValueError(f"provider must be one of {DMIL_STEP_PROVIDERS}, got {provider!r}")
+    dmil_loss = need("dmil_fast.train", "dmil_loss")
+    if provider in ("dmil_fast", "dmil_fast_keep"):
+        return dmil_loss
+    return functools.partial(dmil_loss, cross_entropy=torch.nn.functional.cross_entropy)
+
+
 def dmil_step_batch(batch: int, device: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(visual, audio, labels) of one step, seeded: features >= 0 as pooled CNN features are."""
     gen = torch.Generator(device=device).manual_seed(0)

@@ -10,8 +10,9 @@ CUDA only: compiling a whole training step takes minutes on a CPU), ``dmil_fast`
 so the pair shows what ``recompute`` costs in time and saves in memory, side by side). Reported:
 samples/s; on CUDA the peak allocated memory of a step and the activation memory (allocated after
 forward + loss minus before it: what the step keeps alive for the backward). Every provider trains
-with ``dmil_loss``; the models and the batch come from ``bench_harness.dmil_step_model`` and
-``dmil_step_batch``.
+with ``dmil_loss``, ``reference`` and ``compile`` with the official trainer's ``F.cross_entropy``;
+the models, the loss and the batch come from ``bench_harness.dmil_step_model``, ``dmil_step_loss``
+and ``dmil_step_batch``.
 ``activation_memory.py`` counts the activation memory from the autograd graph on any device.
 """
 
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 from bench_harness import (DMIL_CLASSES, DMIL_FEATURES, DMIL_STEP_PROVIDERS, assert_finite, compiled, devices,
-                           dmil_step_batch, dmil_step_model, label, measure, need, record, release_flush_buffer,
-                           synchronize, target_marks)
+                           dmil_step_batch, dmil_step_loss, dmil_step_model, label, measure, need, record,
+                           release_flush_buffer, synchronize, target_marks)
 
 OP = "dmil_step"
 CPU_CASES = [(64, 32, "identity")]  # (B, E, encoder)
@@ -49,7 +50,7 @@ def _cases():
 def test_bench_dmil_step(benchmark, device, b, e, encoder, stage, provider):
     if provider == "compile" and device == "cpu":
         pytest.skip(CPU_COMPILE_REASON)
-    dmil_loss = need("dmil_fast.train", "dmil_loss")
+    dmil_loss = dmil_step_loss(provider)
     config = need("dmil_fast.train", "DMILConfig")()
     label(benchmark, op=OP, variant=f"stage{stage} {encoder}", provider=provider,
           shape=f"B={b} D={DMIL_FEATURES} E={e} C={DMIL_CLASSES}", dtype=torch.float32, device=device)

@@ -2,14 +2,63 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import accumulation_dtype
 from .config import DMILConfig
 
 Tensor = torch.Tensor
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+_MEAN = 1  # ATen's reduction code for "mean"
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (B, C) logits that keeps only the logits and labels for the backward.
+
+    ``F.cross_entropy`` keeps its (B, C) log-softmax output; where the logits are kept anyway (DMIL's
+    gate multiplies each part's logits, so autograd saves them), that is a second (B, C) array per
+    loss. The backward here recomputes the log-softmax and then runs the same ATen backward ops as
+    ``F.cross_entropy`` on it (so the gradient is the same, bit for bit); those ops are
+    differentiable, so double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
+        loss, total_weight = torch.ops.aten.nll_loss_forward(log_probs, labels, None, _MEAN, IGNORE_INDEX)
+        ctx.save_for_backward(logits, labels, total_weight)  # total_weight: () how many labels count
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, labels, total_weight = ctx.saved_tensors
+        log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
+        grad_log_probs = torch.ops.aten.nll_loss_backward(grad, log_probs, labels, None, _MEAN, IGNORE_INDEX,
+                                                          total_weight)
+        grad_logits = torch.ops.aten._log_softmax_backward_data(grad_log_probs, log_probs, 1, log_probs.dtype)
+        return grad_logits.to(logits.dtype), None
+
+
+def lean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``F.cross_entropy(logits, labels)`` (mean over the labels that are not -100) for (B, C) logits
+    and (B,) integer labels that keeps the logits for the backward instead of a (B, C) log-softmax
+    (see :class:`_CrossEntropy`): less memory where the logits are kept anyway, one more log-softmax
+    in the backward. Value and gradient equal ``F.cross_entropy``'s bit for bit for float32 and
+    float64 logits; bfloat16/float16 logits are reduced in float32 (as autocast does for
+    ``F.cross_entropy``) and the loss is float32. Other inputs (class-probability targets, other
+    ranks) go to ``F.cross_entropy`` unchanged.
+    """
+    if not (isinstance(logits, Tensor) and isinstance(labels, Tensor) and logits.dim() == 2
+            and labels.dim() == 1 and not labels.is_floating_point() and not labels.is_complex()
+            and labels.dtype != torch.bool and logits.is_floating_point()):
+        return F.cross_entropy(logits, labels)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have one entry per row of logits ({logits.shape[0]}), "
+                         f"got shape {tuple(labels.shape)}")
+    return _CrossEntropy.apply(logits, labels.long())
 
 
 def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:
@@ -19,8 +68,11 @@ def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:
     return first.sum(), second.sum()  # (1,) -> (), as the official trainer's torch.sum
 
 
-def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int,
-              config: DMILConfig) -> Tuple[Tensor, Dict[str, Tensor]]:
+CrossEntropy = Callable[[Tensor, Tensor], Tensor]
+
+
+def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int, config: DMILConfig,
+              cross_entropy: Optional[CrossEntropy] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The official trainer's objective of ``stage`` (DESIGN section 1) applied to the model's outputs.
 
     The KL outputs (``loss_IB``, ``loss_red``, ``loss_uni``, ``loss_inter``) are the unweighted
@@ -49,6 +101,11 @@ def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int,
         labels: (B,) int64 class indices.
         stage: 1, 2 or 3.
         config: the betas and ``lamb``.
+        cross_entropy: ``(logits, labels) -> mean CE`` for every term. By default
+            ``F.cross_entropy``, the official trainer's op, except for the four parts' logits of
+            stages 2 and 3 (``ce_synergy``, ``ce_red``, ``ce_unique_m``): the gate keeps those for
+            its backward anyway, so they get :func:`lean_cross_entropy` (the same values and
+            gradients) and no (B, C) log-softmax is kept beside them.
 
     Returns:
         total: () the weighted sum above; parts: the unweighted terms named above, detached,
@@ -57,10 +114,11 @@ def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int,
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     c, lam = config, config.lamb
-    parts: Dict[str, Tensor] = {"ce_out": F.cross_entropy(outputs["out"], labels)}
+    ce, ce_parts = (F.cross_entropy, lean_cross_entropy) if cross_entropy is None else (cross_entropy,) * 2
+    parts: Dict[str, Tensor] = {"ce_out": ce(outputs["out"], labels)}
     if stage in (1, 3):
-        parts["ce_v"] = F.cross_entropy(outputs["v_out"], labels)
-        parts["ce_a"] = F.cross_entropy(outputs["a_out"], labels)
+        parts["ce_v"] = ce(outputs["v_out"], labels)
+        parts["ce_a"] = ce(outputs["a_out"], labels)
         parts["kl_v"], parts["kl_a"] = _pair(outputs, "loss_IB")
         parts["rec_v"], parts["rec_a"] = _pair(outputs, "loss_rec_input")
     if stage in (2, 3):
@@ -68,10 +126,10 @@ def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int,
         parts["inter_1"], parts["inter_2"] = _pair(outputs, "loss_inter")
         parts["uni_1"], parts["uni_2"] = _pair(outputs, "loss_uni")
         parts["rec_tr_1"], parts["rec_tr_2"] = _pair(outputs, "loss_rec_tr")
-        parts["ce_synergy"] = F.cross_entropy(outputs["out_synergy"], labels)
-        parts["ce_red"] = F.cross_entropy(outputs["out_red"], labels)
-        parts["ce_unique_1"] = F.cross_entropy(outputs["out_unique"][0], labels)
-        parts["ce_unique_2"] = F.cross_entropy(outputs["out_unique"][1], labels)
+        parts["ce_synergy"] = ce_parts(outputs["out_synergy"], labels)
+        parts["ce_red"] = ce_parts(outputs["out_red"], labels)
+        parts["ce_unique_1"] = ce_parts(outputs["out_unique"][0], labels)
+        parts["ce_unique_2"] = ce_parts(outputs["out_unique"][1], labels)
     p = parts
     if stage == 1:
         total = c.beta_cls * (p["ce_v"] + p["ce_a"]) + lam * (

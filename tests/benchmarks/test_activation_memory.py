@@ -93,3 +93,20 @@ def test_without_the_triton_heads_recompute_copies_nothing(stage):
     with_recompute = am.step_activation_bytes("dmil_fast", stage, b, e, backend=None, recompute=True)
     without = am.step_activation_bytes("dmil_fast", stage, b, e, backend=None, recompute=False)
     assert with_recompute == without
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_default_loss_keeps_no_log_softmax_of_the_four_parts(stage):
+    """With F.cross_entropy for every term a step keeps one (B, C) log-softmax per CE term; by
+    default the four parts' CEs (whose logits the gate keeps) keep none: 4 B C floats less."""
+    from dmil_fast.train import DMILConfig, dmil_loss
+
+    b, e = 8, 8
+    model = am.dmil_step_model("dmil_fast", e, stage, "cpu", backend=None)
+    visual, audio, labels = am.dmil_step_batch(b, "cpu")
+    keep = [*model.parameters(), *model.buffers(), visual, audio, labels]
+    counted = {}
+    for name, kwargs in (("default", {}), ("f_cross_entropy", {"cross_entropy": torch.nn.functional.cross_entropy})):
+        counted[name] = am.saved_activation_bytes(
+            lambda: dmil_loss(model(visual, audio), labels, stage=stage, config=DMILConfig(), **kwargs)[0], keep)[0]
+    assert counted["f_cross_entropy"] - counted["default"] == 4 * b * am.DMIL_CLASSES * F32

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dmil_fast.train import DMILConfig, baseline_loss, dmil_loss
 
@@ -51,9 +52,11 @@ EXPECTED_OLD_REVISION = {
 }
 
 
+@pytest.mark.parametrize("ce", [None, F.cross_entropy], ids=["default_ce", "f_cross_entropy"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_published_weights(stage):
-    total, parts = dmil_loss(_outputs(stage), LABELS, stage=stage, config=DMILConfig())
+def test_published_weights(stage, ce):
+    kwargs = {} if ce is None else {"cross_entropy": ce}
+    total, parts = dmil_loss(_outputs(stage), LABELS, stage=stage, config=DMILConfig(), **kwargs)
     assert total.shape == ()
     assert math.isclose(total.item(), EXPECTED_PUBLISHED[stage], rel_tol=1e-6)
     assert math.isclose(parts["ce_out"].item(), CE_OUT, rel_tol=1e-6)
@@ -87,3 +90,28 @@ def test_bad_stage_or_missing_output():
         dmil_loss(_outputs(1), LABELS, stage=4, config=DMILConfig())
     with pytest.raises(KeyError, match="loss_inter"):
         dmil_loss({k: v for k, v in _outputs(2).items() if k != "loss_inter"}, LABELS, stage=2, config=DMILConfig())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_default_cross_entropy_gives_f_cross_entropys_loss_and_gradients_bit_for_bit(stage):
+    """The default sends the parts' logits to lean_cross_entropy; on a model's own outputs the
+    total and every parameter gradient equal those with F.cross_entropy for every term."""
+    from dmil_fast.nn import DMILModel
+
+    torch.manual_seed(0)
+    model = DMILModel(None, None, embed_size=6, num_class=5, input_size=4).train()
+    model.configure_stage(stage)
+    g = torch.Generator().manual_seed(1)
+    x1, x2, y = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g), torch.randint(0, 5, (9,), generator=g)
+    outputs = model(x1, x2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for kwargs in ({}, {"cross_entropy": F.cross_entropy}):
+        total, _ = dmil_loss(outputs, y, stage=stage, config=DMILConfig(), **kwargs)
+        results.append((total, torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, ga, gb in zip([n for n, p in model.named_parameters() if p.requires_grad], results[0][1], results[1][1]):
+        assert (ga is None) == (gb is None), name
+        if ga is not None:
+            assert torch.equal(ga, gb), name
+    assert any(g is not None and g.abs().max() > 0 for g in results[1][1])
