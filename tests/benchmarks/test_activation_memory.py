@@ -2,17 +2,13 @@
 whose saved tensors are known from autograd's formulas, and its command line at a tiny size."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import activation_memory as am  # benchmarks/, on sys.path by conftest.py
 
-import activation_memory as am  # noqa: E402
-
-from tests.conftest import triton_device  # noqa: E402
+from tests.conftest import triton_device
 
 B, D, H = 8, 5, 6
 F32 = 4

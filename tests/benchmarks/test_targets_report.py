@@ -2,14 +2,10 @@
 known in advance (medians chosen so that every ratio is a round number)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import bench_targets  # noqa: E402
+import bench_targets  # benchmarks/, on sys.path by conftest.py
 
 
 def _record(op, variant, provider, shape, device, median, dtype="float32", **info):
