@@ -1,14 +1,17 @@
 """The ``dmil-fast`` command (also ``python -m dmil_fast``).
 
     dmil-fast train --data DIR --method {dmil,joint,ensemble} --out DIR [--epochs N] [--config FILE]
-                    [--seed S] [--preset {published,features}] [--device D] [--resume]
-                    [--checkpoint-every K] [--amp {none,bf16}] [--compile [BACKEND]] [--init-from CKPT]
-                    [--stream | --in-memory] [--workers N] [--threads N] [--pretrained RESNET18]
-                    [--num-frames T] [--frame-dir DIR] [--backend NAME]
+                    [--seed S] [--preset {published,features}] [--device D] [--no-progress] [--quiet]
+                    [--resume] [--checkpoint-every K] [--amp {none,bf16}] [--sync-bn] [--compile [BACKEND]]
+                    [--init-from CKPT] [--backend NAME] [--stream | --in-memory] [--workers N]
+                    [--threads N] [--pretrained RESNET18] [--num-frames T] [--frame-dir DIR]
     torchrun --nproc_per_node N -m dmil_fast train ...     (data parallel: NCCL on GPUs, gloo on CPU)
-    dmil-fast demo  [--out DIR] [--n N] [--epochs N] [--seed S] [--tiny]
+    dmil-fast demo  [--out DIR] [--n N] [--epochs N] [--seed S] [--config FILE] [--tiny] [--device D]
     dmil-fast score --data DIR [--model CHECKPOINT] --out DIR [--redundancy {lsmi,mmi}] [--epochs N]
+                    [--seed S] [--batch-size N] [--no-progress]
     dmil-fast info  [--json]
+
+``dmil-fast COMMAND --help`` says what each option does.
 
 ``--data`` is a feature dataset (directory of ``.npy`` files or an ``.h5`` file) or a raw CREMA-D
 root (a directory with ``train.csv`` and ``test.csv``; needs ``pip install dmil-fast[av]``),
@@ -33,6 +36,9 @@ import os
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from .demo import DEMO_SAMPLES
+from .interactions.report import add_arguments as score_arguments
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ImportError)
 
@@ -114,10 +120,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_score(args) -> int:
-    try:
-        from .interactions.report import main as report_main
-    except ImportError as exc:
-        raise ValueError(f"dmil-fast score is unavailable: dmil_fast.interactions.report cannot be imported ({exc})")
+    from .interactions.report import main as report_main
+
     return int(report_main(args) or 0)
 
 
@@ -133,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train DMIL or a baseline on a feature dataset or raw CREMA-D")
     p.add_argument("--data", required=True, help="feature dataset directory (or .h5 file), or a CREMA-D root")
-    p.add_argument("--method", required=True, choices=("dmil", "joint", "ensemble"))
+    p.add_argument("--method", required=True, choices=("dmil", "joint", "ensemble"),
+                   help="DMIL (three stages), or the joint / ensemble baseline")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, help="total epochs; the stage schedule scales proportionally")
     p.add_argument("--config", help="YAML file of DMILConfig settings (official names)")
@@ -170,27 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic benchmark: joint vs ensemble vs DMIL")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--n", type=int, help="number of synthetic samples (default: dmil_fast.demo.DEMO_SAMPLES)")
+    p.add_argument("--n", type=int, help=f"number of synthetic samples (default {DEMO_SAMPLES})")
     p.add_argument("--epochs", type=int, help="epochs per method (default: the features preset)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every method (default 0)")
     p.add_argument("--config", help="YAML file of DMILConfig settings on top of the features preset")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (900 samples, 3 epochs)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("score", help="per-sample interactions (LSMI) of a dataset or a trained model")
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", help="checkpoint written by dmil-fast train (score its outputs)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--redundancy", choices=("lsmi", "mmi"), default="lsmi")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--no-progress", action="store_false", dest="progress")
+    score_arguments(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("info", help="versions and available backends")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -188,3 +188,16 @@ def test_info_calls_the_info_module(monkeypatch):
     seen = []
     monkeypatch.setattr(dmil_fast.info, "main", lambda argv: seen.append(argv) or 0)
     assert main(["info", "--json"]) == 0 and seen == [["--json"]]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from dmil_fast.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"train", "demo", "score", "info"}
+    missing = [f"{name} {action.option_strings[-1]}" for name, sub in commands.items() for action in sub._actions
+               if action.option_strings and not action.help]
+    assert missing == []

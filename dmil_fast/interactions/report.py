@@ -228,11 +228,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="feature dataset directory or .h5 file")
     parser.add_argument("--model", default=None, help="trained checkpoint to score (default: fit an LSMI estimator)")
     parser.add_argument("--out", required=True, help="output directory for the CSV, JSON and plots")
-    parser.add_argument("--redundancy", choices=("lsmi", "mmi"), default="lsmi", help="pointwise redundancy")
+    parser.add_argument("--redundancy", choices=("lsmi", "mmi"), default="lsmi",
+                        help="pointwise redundancy: lsmi (default; needs KNIFE density models, fitted here) or "
+                             "mmi (the smaller of the two unimodal pointwise MIs)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="estimator epochs (without --model) or density epochs (with --model)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the estimator / density fits")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="batch size")
+                        help="estimator epochs without --model (default 25), density epochs with --model "
+                             "(default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the estimator / density fits (default 0)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="batch size (default 256)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
