@@ -50,33 +50,70 @@ class CrossModality(nn.Module):
     def extra_repr(self) -> str:
         return f"embed_size={self.embed_size}, hidden={self.hidden}"
 
-    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        h = torch.cat((x1, x2, x1 * x2), dim=1)  # (B, 3E)
-        if self.hidden:
-            h = F.relu(self.fc_hidden(h))  # (B, H)
-        return self.fc_out(h)  # (B, E)
+    def forward(self, x1: Tensor, x2: Tensor, *, split: bool = False) -> Tensor:
+        """``split``: run the first layer on the parts of [x1, x2, x1 * x2] (:func:`linear_on_parts`:
+        the same values and gradients, and no (B, 3E) copy kept for the backward) where x1 and x2
+        require grad, so that the product's backward keeps them anyway, and that layer is a plain
+        ``nn.Linear`` without hooks. (With inputs that need no grad, as from stage 2's frozen heads,
+        the parts would be kept for this layer alone, and may be views of larger tensors.)"""
+        parts = (x1, x2, x1 * x2)
+        first = self.fc_hidden if self.hidden else self.fc_out
+        if split and x1.requires_grad and x2.requires_grad and type(first) is nn.Linear and not _has_hooks(first):
+            h = linear_on_parts(first, parts)
+        else:
+            h = first(torch.cat(parts, dim=1))  # (B, H) or (B, E)
+        return self.fc_out(F.relu(h)) if self.hidden else h  # (B, E)
+
+
+class _LinearOnParts(torch.autograd.Function):
+    """``F.linear(torch.cat(parts, dim=1), weight, bias)`` that keeps the parts for the backward
+    instead of their concatenation.
+
+    The forward runs exactly the concatenated call (under autocast too: the same cast, the same
+    GEMM); the concatenation is freed when it returns. The backward rebuilds it, in the dtype the
+    forward's GEMM ran in, and computes the gradients with the GEMMs autograd runs for the
+    concatenated layer, so values and gradients are the same. Its ops are differentiable, so
+    double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Optional[Tensor], *parts: Tensor) -> Tensor:
+        out = F.linear(torch.cat(parts, dim=1), weight, bias)
+        ctx.save_for_backward(weight, bias, *parts)
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, bias, *parts = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad = grad.to(dtype)
+        need_weight, need_bias, *need_parts = ctx.needs_input_grad
+        grad_weight = grad_bias = None
+        if need_weight:
+            x = torch.cat([p.to(dtype) for p in parts], dim=1)
+            grad_weight = grad.t().mm(x).to(weight.dtype)
+        if need_bias:
+            grad_bias = grad.sum(0).to(bias.dtype)
+        grad_parts = [None] * len(parts)
+        if any(need_parts):
+            grad_x = grad.mm(weight.to(dtype))
+            start = 0
+            for i, part in enumerate(parts):
+                if need_parts[i]:
+                    grad_parts[i] = grad_x[:, start:start + part.shape[1]].to(part.dtype)
+                start += part.shape[1]
+        return (grad_weight, grad_bias, *grad_parts)
 
 
 def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
-    """``linear(torch.cat(parts, dim=1))`` without the concatenation.
-
-    One ``addmm`` per part on its block of weight columns, so autograd keeps the parts themselves
-    for the weight gradient (tensors that other layers keep already) instead of a new
-    (B, sum of widths) copy. Equal to the concatenated form up to float summation order in
-    float32/float64 (in lower precision each partial sum is rounded: see :func:`parts_path_applies`).
-    """
+    """``linear(torch.cat(parts, dim=1))`` (the same values and gradients) that keeps the parts for
+    the backward (tensors that other layers keep already) instead of a new (B, sum of widths)
+    copy: see :class:`_LinearOnParts`."""
     widths = sum(p.shape[1] for p in parts)
     if widths != linear.in_features:
         raise ValueError(f"the parts have {widths} columns in all, the layer takes {linear.in_features}")
-    out, start = None, 0
-    for part in parts:
-        w = linear.weight[:, start:start + part.shape[1]]  # (out, width) view of the parameter
-        if out is None:
-            out = F.linear(part, w, linear.bias)
-        else:
-            out = torch.addmm(out, part, w.t())
-        start += part.shape[1]
-    return out
+    return _LinearOnParts.apply(linear.weight, linear.bias, *parts)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -84,27 +121,21 @@ def _has_hooks(module: nn.Module) -> bool:
                 or _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
 
 
-def parts_path_applies(net: nn.Sequential, parts: Sequence[Tensor]) -> bool:
-    """Whether :func:`sequential_on_parts` may split ``net``'s first layer over ``parts``.
+def parts_path_applies(net: nn.Sequential) -> bool:
+    """Whether :func:`sequential_on_parts` may run ``net``'s first layer by :func:`linear_on_parts`.
 
     Only for a plain ``nn.Sequential`` whose first layer is a plain ``nn.Linear``, with no forward
     hooks or pre-hooks on either (nor global ones: pruning, weight norm, quantisation stubs or a
-    replaced layer must see the module called), and float32/float64 parts outside autocast. With
-    low-precision outputs every partial sum would be rounded (and under autocast the casts save
-    copies as large as the concatenation, so there is nothing to gain).
+    replaced layer must see the module called).
     """
     first = net[0] if type(net) is nn.Sequential and len(net) > 0 else None
-    if type(first) is not nn.Linear or _has_hooks(net) or _has_hooks(first):
-        return False
-    if any(p.dtype not in (torch.float32, torch.float64) for p in parts):
-        return False
-    return not torch.is_autocast_enabled(parts[0].device.type)
+    return type(first) is nn.Linear and not _has_hooks(net) and not _has_hooks(first)
 
 
 def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor], *, split: bool = True) -> Tensor:
     """``net(torch.cat(parts, dim=1))``, its first layer run by :func:`linear_on_parts` where
     ``split`` and :func:`parts_path_applies`, else exactly that concatenated call."""
-    if not (split and parts_path_applies(net, parts)):
+    if not (split and parts_path_applies(net)):
         return net(torch.cat(parts, dim=1))
     out = linear_on_parts(net[0], parts)
     for layer in list(net)[1:]:
@@ -191,9 +222,10 @@ class DMILModel(nn.Module):
     pooled (B, D) encoder outputs are accepted besides 4-D maps. For a smaller activation
     memory, the fused path (any backend but ``"reference"``) runs the first layers of
     ``gating_network`` and ``recon_tr_1``/``recon_tr_2`` on the parts of their concatenated
-    input (:func:`sequential_on_parts`; it calls the modules on the concatenation instead when
-    they carry hooks, are not plain ``nn.Linear``/``nn.Sequential``, or run under autocast or in
-    low precision), and copies the stage-2 means mu_tr out of the frozen heads' projections
+    input, and ``cross_modality``'s first layer on [z_ir1, z_ir2, z_ir1 * z_ir2]
+    (:func:`sequential_on_parts`, :class:`CrossModality`; the same values and gradients; a module
+    is called on the concatenation instead when it carries hooks or is not a plain
+    ``nn.Linear``/``nn.Sequential``), and copies the stage-2 means mu_tr out of the frozen heads' projections
     (see also ``recompute``).
     """
 
@@ -416,12 +448,14 @@ class DMILModel(nn.Module):
         h = second_level(self, mu_tr1, mu_tr2, sample=self.training, reference=ref, backend=backend,
                          recompute=recompute)
         # The reference path concatenates as the official model does; the fused path runs the first
-        # layer on the parts (sequential_on_parts), so no (B, 2E) or (B, 4E) copy is kept for the
-        # backward: the parts are kept by the classifiers anyway.
+        # layer on the parts (sequential_on_parts, CrossModality(split=True)), so no (B, 2E), (B, 3E)
+        # or (B, 4E) copy is kept for the backward: the parts are kept by the classifiers (and
+        # x1 * x2's backward) anyway.
         # (B, 2E) -> (B, E)
         rec_tr_1 = sequential_on_parts(self.recon_tr_1, (h.z_red, h.z_unique_1), split=not ref)
         rec_tr_2 = sequential_on_parts(self.recon_tr_2, (h.z_red, h.z_unique_2), split=not ref)
-        z_synergy = self.cross_modality(z_ir1, z_ir2)
+        cross = self.cross_modality  # split where it is ours (a replaced module is called as it is)
+        z_synergy = cross(z_ir1, z_ir2, split=not ref) if type(cross) is CrossModality else cross(z_ir1, z_ir2)
         out_red = self.red_fc(h.z_red)
         out_unique_1 = self.unique1_fc(h.z_unique_1)
         out_unique_2 = self.unique2_fc(h.z_unique_2)

@@ -106,3 +106,50 @@ def test_default_loss_keeps_no_log_softmax_of_the_four_parts(stage):
         counted[name] = am.saved_activation_bytes(
             lambda: dmil_loss(model(visual, audio), labels, stage=stage, config=DMILConfig(), **kwargs)[0], keep)[0]
     assert counted["f_cross_entropy"] - counted["default"] == 4 * b * am.DMIL_CLASSES * F32
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_under_autocast_the_parts_path_keeps_no_concatenation(stage):
+    """Under bfloat16 autocast the gate's and the tr reconstructions' first layers run on their
+    parts too: the concatenated call would keep its (B, 4E) and two (B, 2E) bfloat16 inputs and the
+    bfloat16 casts of the three weights (a forward hook on the modules makes the model call them)."""
+    from dmil_fast.train import DMILConfig, dmil_loss
+
+    b, e, bf16 = 8, 8, 2
+    counted, firsts = {}, None
+    for hooked in (False, True):
+        model = am.dmil_step_model("dmil_fast", e, stage, "cpu", backend=None)
+        firsts = (model.gating_network[0], model.recon_tr_1[0], model.recon_tr_2[0])
+        if hooked:
+            for module in (model.gating_network, model.recon_tr_1, model.recon_tr_2):
+                module.register_forward_hook(lambda module, args, out: None)
+        visual, audio, labels = am.dmil_step_batch(b, "cpu")
+        keep = [*model.parameters(), *model.buffers(), visual, audio, labels]
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return dmil_loss(model(visual, audio), labels, stage=stage, config=DMILConfig())[0]
+
+        counted[hooked] = am.saved_activation_bytes(run, keep)[0]
+    weights = sum(layer.weight.numel() for layer in firsts)
+    assert counted[True] - counted[False] == (b * (4 + 2 + 2) * e + weights) * bf16
+
+
+@pytest.mark.parametrize("stage, saved_per_row", [(2, 0), (3, 2)])
+def test_the_synergy_module_keeps_no_concatenation_where_its_inputs_train(stage, saved_per_row):
+    """Stage 3 trains the ir heads, so x1 * x2's backward keeps z_ir1 and z_ir2 anyway and the split
+    synergy layer keeps 2E floats per row less than its (B, 3E) concatenated input; in stage 2 the
+    heads are frozen and the module concatenates, as it does with a hook on its layer."""
+    from dmil_fast.train import DMILConfig, dmil_loss
+
+    b, e = 8, 8
+    counted = {}
+    for hooked in (False, True):
+        model = am.dmil_step_model("dmil_fast", e, stage, "cpu", backend=None)
+        if hooked:
+            model.cross_modality.fc_out.register_forward_hook(lambda module, args, out: None)
+        visual, audio, labels = am.dmil_step_batch(b, "cpu")
+        keep = [*model.parameters(), *model.buffers(), visual, audio, labels]
+        counted[hooked] = am.saved_activation_bytes(
+            lambda: dmil_loss(model(visual, audio), labels, stage=stage, config=DMILConfig())[0], keep)[0]
+    assert counted[True] - counted[False] == saved_per_row * b * e * F32
