@@ -400,3 +400,23 @@ def test_float64_model_under_autocast_runs_as_without_it(stage):
     for key in plain:
         assert _flat(cast[key]).dtype == torch.float64, key
         assert torch.equal(_flat(cast[key]), _flat(plain[key])), key
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compiled_fused_model_trains_as_the_eager_one(stage):
+    """torch.compile (aot_eager: eager's kernels) through the parts path's and the lean CE's
+    autograd Functions: the same loss and gradients as eager."""
+    model, ref = _pair()
+    _quiet_noise(model, ref)
+    model.train()
+    model.configure_stage(stage)
+    x1, x2 = _inputs()
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager")):
+        loss, _ = dmil_loss(forward(x1, x2), y, stage=stage, config=DMILConfig())
+        results.append((loss, torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    for got, expected in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
