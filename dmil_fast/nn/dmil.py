@@ -76,12 +76,19 @@ class _LinearOnParts(torch.autograd.Function):
     double backward works too.
     """
 
+    generate_vmap_rule = True  # torch.func transforms see through it
+
     @staticmethod
-    def forward(ctx, weight: Tensor, bias: Optional[Tensor], *parts: Tensor) -> Tensor:
-        out = F.linear(torch.cat(parts, dim=1), weight, bias)
-        ctx.save_for_backward(weight, bias, *parts)
-        ctx.compute_dtype = out.dtype
-        return out
+    def forward(weight: Tensor, bias: Optional[Tensor], *parts: Tensor) -> Tensor:
+        return F.linear(torch.cat(parts, dim=1), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, bias, *parts = inputs
+        # The parts only where the weight's gradient needs them (a frozen layer keeps none).
+        ctx.save_for_backward(weight, bias, *(parts if ctx.needs_input_grad[0] else ()))
+        ctx.widths, ctx.part_dtypes = [p.shape[1] for p in parts], [p.dtype for p in parts]
+        ctx.compute_dtype = output.dtype
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -95,14 +102,14 @@ class _LinearOnParts(torch.autograd.Function):
             grad_weight = grad.t().mm(x).to(weight.dtype)
         if need_bias:
             grad_bias = grad.sum(0).to(bias.dtype)
-        grad_parts = [None] * len(parts)
+        grad_parts = [None] * len(ctx.widths)
         if any(need_parts):
             grad_x = grad.mm(weight.to(dtype))
             start = 0
-            for i, part in enumerate(parts):
+            for i, (width, part_dtype) in enumerate(zip(ctx.widths, ctx.part_dtypes)):
                 if need_parts[i]:
-                    grad_parts[i] = grad_x[:, start:start + part.shape[1]].to(part.dtype)
-                start += part.shape[1]
+                    grad_parts[i] = grad_x[:, start:start + width].to(part_dtype)
+                start += width
         return (grad_weight, grad_bias, *grad_parts)
 
 
@@ -117,8 +124,12 @@ def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
+    """Forward or backward hooks (or pre-hooks) on ``module`` or registered globally: a module that
+    has them must be called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_mod._global_forward_hooks
+                or _module_mod._global_forward_pre_hooks or _module_mod._global_backward_hooks
+                or _module_mod._global_backward_pre_hooks)
 
 
 def parts_path_applies(net: nn.Sequential) -> bool:

@@ -25,15 +25,22 @@ class _CrossEntropy(torch.autograd.Function):
     differentiable, so double backward works too.
     """
 
-    @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
-        log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
-        loss, total_weight = torch.ops.aten.nll_loss_forward(log_probs, labels, None, _MEAN, IGNORE_INDEX)
-        ctx.save_for_backward(logits, labels, total_weight)  # total_weight: () how many labels count
-        return loss
+    generate_vmap_rule = True  # torch.func transforms see through it
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def forward(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
+        return torch.ops.aten.nll_loss_forward(log_probs, labels, None, _MEAN, IGNORE_INDEX)  # loss, total_weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, labels = inputs
+        total_weight = output[1]  # () how many labels count
+        ctx.mark_non_differentiable(total_weight)
+        ctx.save_for_backward(logits, labels, total_weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_total_weight: Optional[Tensor] = None):
         logits, labels, total_weight = ctx.saved_tensors
         log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
         grad_log_probs = torch.ops.aten.nll_loss_backward(grad, log_probs, labels, None, _MEAN, IGNORE_INDEX,
@@ -58,7 +65,7 @@ def lean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must have one entry per row of logits ({logits.shape[0]}), "
                          f"got shape {tuple(labels.shape)}")
-    return _CrossEntropy.apply(logits, labels.long())
+    return _CrossEntropy.apply(logits, labels.long())[0]
 
 
 def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:

@@ -3,6 +3,7 @@ values and gradients, bit for bit, in every dtype and under autocast), and the c
 concatenated call is kept (hooks, pruning, subclasses)."""
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -55,15 +56,36 @@ def test_values_and_gradients_equal_the_concatenated_layer_bit_for_bit(widths, b
         assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
-def test_only_the_gradients_asked_for_are_computed():
+def test_a_frozen_layer_keeps_no_parts_and_gives_the_gradients_asked_for():
     torch.manual_seed(5)
     layer = nn.Linear(7, 3)
     layer.weight.requires_grad_(False)
     parts = _parts((3, 4), dtype=torch.float32)
     (_, grads), (_, ref_grads) = _run_both(layer, parts, torch.randn(5, 3), False, needs=(False, True))
-    assert len(grads) == 2  # the second part and the bias
+    assert len(grads) == len(ref_grads) == 2  # the second part and the bias
     for got, expected in zip(grads, ref_grads):
         assert torch.equal(got, expected)
+    saved, _ = _saved_storages(lambda: linear_on_parts(layer, parts))
+    assert set(saved) <= {layer.weight.untyped_storage().data_ptr(), layer.bias.untyped_storage().data_ptr()}
+
+
+def test_torch_func_grad_equals_the_concatenated_layers():
+    torch.manual_seed(9)
+    layer = nn.Linear(7, 3, dtype=torch.float64)
+    a, b = (p.detach() for p in _parts((3, 4)))
+
+    def on_parts(w, bias, a, b):
+        layer_like = types.SimpleNamespace(weight=w, bias=bias, in_features=7)  # plain tensors as parameters
+        return (linear_on_parts(layer_like, (a, b)) ** 2).sum()
+
+    def concatenated(w, bias, a, b):
+        return (torch.nn.functional.linear(torch.cat((a, b), dim=1), w, bias) ** 2).sum()
+
+    args = (layer.weight.detach(), layer.bias.detach(), a, b)
+    got = torch.func.grad(on_parts, argnums=(0, 1, 2, 3))(*args)
+    expected = torch.func.grad(concatenated, argnums=(0, 1, 2, 3))(*args)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
 
 
 def test_second_derivatives_equal_the_concatenated_layers():
@@ -127,6 +149,16 @@ def test_a_hooked_layer_is_called_on_the_concatenation():
     assert not parts_path_applies(net)
     torch.testing.assert_close(sequential_on_parts(net, parts), net(torch.cat(parts, dim=1)))
     assert seen[0] == (5, 7)  # the hook saw the concatenated input
+
+
+def test_a_layer_with_a_backward_hook_is_called_on_the_concatenation():
+    net = _gate()
+    seen = []
+    net[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    parts = _parts((3, 4), dtype=torch.float32)
+    assert not parts_path_applies(net)
+    sequential_on_parts(net, parts).sum().backward()
+    assert seen == [(5, 4)]  # the hook fired
 
 
 def test_a_pruned_layer_trains_through_its_pre_hook():
