@@ -141,24 +141,22 @@ def test_plain_layers_take_the_parts_path():
     assert parts_path_applies(_gate())
 
 
-def test_a_hooked_layer_is_called_on_the_concatenation():
+@pytest.mark.parametrize("kind, seen_shape", [("forward", (5, 7)), ("backward", (5, 4))])
+def test_a_hooked_layer_is_called_on_the_concatenation(kind, seen_shape):
+    """A forward hook sees the concatenated (5, 7) input; a full backward hook fires, with the
+    (5, 4) gradient of the layer's output."""
     net = _gate()
     seen = []
-    net[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    if kind == "forward":
+        net[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    else:
+        net[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
     parts = _parts((3, 4), dtype=torch.float32)
     assert not parts_path_applies(net)
-    torch.testing.assert_close(sequential_on_parts(net, parts), net(torch.cat(parts, dim=1)))
-    assert seen[0] == (5, 7)  # the hook saw the concatenated input
-
-
-def test_a_layer_with_a_backward_hook_is_called_on_the_concatenation():
-    net = _gate()
-    seen = []
-    net[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
-    parts = _parts((3, 4), dtype=torch.float32)
-    assert not parts_path_applies(net)
-    sequential_on_parts(net, parts).sum().backward()
-    assert seen == [(5, 4)]  # the hook fired
+    out = sequential_on_parts(net, parts)
+    out.sum().backward()
+    assert seen[0] == seen_shape
+    torch.testing.assert_close(out, net(torch.cat(parts, dim=1)))
 
 
 def test_a_pruned_layer_trains_through_its_pre_hook():
