@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_mod  # the global forward (pre-)hook registries
+from torch.nn.modules import module as _module_mod  # the global forward/backward (pre-)hook registries
 
 from ..ops import BACKENDS
 from ..ops.variational_bottleneck import variational_bottleneck_backend
@@ -58,7 +58,7 @@ class CrossModality(nn.Module):
         the parts would be kept for this layer alone, and may be views of larger tensors.)"""
         parts = (x1, x2, x1 * x2)
         first = self.fc_hidden if self.hidden else self.fc_out
-        if split and x1.requires_grad and x2.requires_grad and type(first) is nn.Linear and not _has_hooks(first):
+        if split and x1.requires_grad and x2.requires_grad and _plain_linear(first):
             h = linear_on_parts(first, parts)
         else:
             h = first(torch.cat(parts, dim=1))  # (B, H) or (B, E)
@@ -132,15 +132,21 @@ def _has_hooks(module: nn.Module) -> bool:
                 or _module_mod._global_backward_pre_hooks)
 
 
+def _plain_linear(layer: Optional[nn.Module]) -> bool:
+    """Whether :func:`linear_on_parts` may stand in for calling ``layer``: a plain ``nn.Linear``
+    (no subclass) without hooks (:func:`_has_hooks`)."""
+    return type(layer) is nn.Linear and not _has_hooks(layer)
+
+
 def parts_path_applies(net: nn.Sequential) -> bool:
     """Whether :func:`sequential_on_parts` may run ``net``'s first layer by :func:`linear_on_parts`.
 
     Only for a plain ``nn.Sequential`` whose first layer is a plain ``nn.Linear``, with no forward
-    hooks or pre-hooks on either (nor global ones: pruning, weight norm, quantisation stubs or a
-    replaced layer must see the module called).
+    or backward hooks or pre-hooks on either (nor global ones: pruning, weight norm, quantisation
+    stubs, backward hooks or a replaced layer must see the module called).
     """
     first = net[0] if type(net) is nn.Sequential and len(net) > 0 else None
-    return type(first) is nn.Linear and not _has_hooks(net) and not _has_hooks(first)
+    return _plain_linear(first) and not _has_hooks(net)
 
 
 def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor], *, split: bool = True) -> Tensor:

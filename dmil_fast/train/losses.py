@@ -15,6 +15,11 @@ IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 _MEAN = 1  # ATen's reduction code for "mean"
 
 
+def _log_probs(logits: Tensor) -> Tensor:
+    """Log-softmax over classes in the accumulation dtype: the forward's, recomputed in the backward."""
+    return torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
+
+
 class _CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (B, C) logits that keeps only the logits and labels for the backward.
 
@@ -29,7 +34,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
-        log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
+        log_probs = _log_probs(logits)
         return torch.ops.aten.nll_loss_forward(log_probs, labels, None, _MEAN, IGNORE_INDEX)  # loss, total_weight
 
     @staticmethod
@@ -42,7 +47,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_total_weight: Optional[Tensor] = None):
         logits, labels, total_weight = ctx.saved_tensors
-        log_probs = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)
+        log_probs = _log_probs(logits)
         grad_log_probs = torch.ops.aten.nll_loss_backward(grad, log_probs, labels, None, _MEAN, IGNORE_INDEX,
                                                           total_weight)
         grad_logits = torch.ops.aten._log_softmax_backward_data(grad_log_probs, log_probs, 1, log_probs.dtype)
