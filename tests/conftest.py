@@ -42,6 +42,20 @@ def triton_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def saved_storages(run):
+    """Run ``run()`` and return ({data_ptr: nbytes} of every storage autograd saved for the
+    backward while it built its graph, run's result)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return saved, out
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test (restored after): the models of the training tests are tiny,

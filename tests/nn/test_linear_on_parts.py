@@ -11,6 +11,7 @@ import torch.nn.utils.prune
 from torch import nn
 
 from dmil_fast.nn.dmil import linear_on_parts, parts_path_applies, sequential_on_parts
+from tests.conftest import saved_storages
 
 
 def _parts(widths, batch=5, seed=0, dtype=torch.float64):
@@ -65,7 +66,7 @@ def test_a_frozen_layer_keeps_no_parts_and_gives_the_gradients_asked_for():
     assert len(grads) == len(ref_grads) == 2  # the second part and the bias
     for got, expected in zip(grads, ref_grads):
         assert torch.equal(got, expected)
-    saved, _ = _saved_storages(lambda: linear_on_parts(layer, parts))
+    saved, _ = saved_storages(lambda: linear_on_parts(layer, parts))
     assert set(saved) <= {layer.weight.untyped_storage().data_ptr(), layer.bias.untyped_storage().data_ptr()}
 
 
@@ -115,16 +116,10 @@ def test_sequential_runs_the_remaining_layers():
 def test_no_concatenation_is_kept_for_the_backward(layer_dtype, parts_dtype, autocast):
     layer = nn.Linear(7, 2, dtype=layer_dtype)
     parts = _parts((3, 4), dtype=parts_dtype)
-    kept = set()
-
-    def pack(t):
-        kept.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(autocast):
-        linear_on_parts(layer, parts)
+    with _autocast(autocast):
+        kept, _ = saved_storages(lambda: linear_on_parts(layer, parts))
     allowed = {t.untyped_storage().data_ptr() for t in [*parts, *layer.parameters()]}
-    assert kept and kept <= allowed
+    assert kept and set(kept) <= allowed
 
 
 def test_widths_must_add_up_to_the_layer_input():
@@ -195,19 +190,6 @@ def test_a_subclassed_layer_is_called_as_a_module():
     torch.testing.assert_close(sequential_on_parts(net, parts), net(torch.cat(parts, dim=1)))
 
 
-def _saved_storages(run):
-    """{data_ptr: nbytes} of the storages autograd saved while ``run`` built its graph."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return saved, out
-
-
 @pytest.mark.parametrize("hidden", [0, 5])
 def test_cross_modality_split_equals_its_concatenated_call_and_keeps_no_concatenation(hidden):
     from dmil_fast.nn import CrossModality
@@ -218,7 +200,7 @@ def test_cross_modality_split_equals_its_concatenated_call_and_keeps_no_concaten
     results = []
     for split in (True, False):
         a, b = (x.detach().clone().requires_grad_() for x in (x1, x2))
-        saved, out = _saved_storages(lambda: module(a, b, split=split))
+        saved, out = saved_storages(lambda: module(a, b, split=split))
         grads = torch.autograd.grad(out, [a, b, *module.parameters()], torch.ones_like(out))
         kept = {t.untyped_storage().data_ptr() for t in [a, b, *module.parameters()]}
         results.append((out, grads, sum(n for ptr, n in saved.items() if ptr not in kept)))
@@ -237,8 +219,8 @@ def test_cross_modality_on_inputs_without_grad_or_with_hooks_concatenates():
     torch.manual_seed(8)
     module = CrossModality(4)
     x1, x2 = (x.detach() for x in _parts((4, 4), batch=6, dtype=torch.float32))
-    saved_split, out = _saved_storages(lambda: module(x1, x2, split=True))
-    saved_cat, ref = _saved_storages(lambda: module(x1, x2))
+    saved_split, out = saved_storages(lambda: module(x1, x2, split=True))
+    saved_cat, ref = saved_storages(lambda: module(x1, x2))
     assert torch.equal(out, ref) and sorted(saved_split.values()) == sorted(saved_cat.values()) == [6 * 12 * 4]
     assert not ({x1.untyped_storage().data_ptr(), x2.untyped_storage().data_ptr()} & set(saved_split))
     seen = []
