@@ -61,11 +61,12 @@ def lean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     in the backward. Value and gradient equal ``F.cross_entropy``'s bit for bit for float32 and
     float64 logits; bfloat16/float16 logits are reduced in float32 (as autocast does for
     ``F.cross_entropy``) and the loss is float32. Other inputs (class-probability targets, other
-    ranks) go to ``F.cross_entropy`` unchanged.
+    ranks, label dtypes other than int64/uint8) go to ``F.cross_entropy`` unchanged, which accepts
+    or rejects them as it does.
     """
     if not (isinstance(logits, Tensor) and isinstance(labels, Tensor) and logits.dim() == 2
-            and labels.dim() == 1 and not labels.is_floating_point() and not labels.is_complex()
-            and labels.dtype != torch.bool and logits.is_floating_point()):
+            and labels.dim() == 1 and labels.dtype in (torch.int64, torch.uint8)
+            and logits.is_floating_point()):
         return F.cross_entropy(logits, labels)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must have one entry per row of logits ({logits.shape[0]}), "

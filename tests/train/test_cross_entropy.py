@@ -109,9 +109,14 @@ def test_other_inputs_go_to_f_cross_entropy():
         cross_entropy(logits, torch.tensor([True, False, True, False]))
 
 
-def test_int32_labels_are_accepted():
+def test_label_dtypes_are_those_f_cross_entropy_takes():
     logits, labels = _case(4, 3, torch.float32, 1.0, 0.0, 5)
-    torch.testing.assert_close(cross_entropy(logits, labels.int()), F.cross_entropy(logits, labels))
+    labels = labels.clamp(min=0)  # uint8 has no -100
+    assert torch.equal(cross_entropy(logits, labels.to(torch.uint8)), F.cross_entropy(logits, labels))
+    with pytest.raises(RuntimeError, match="Long or Byte"):  # F.cross_entropy refuses int32 labels
+        F.cross_entropy(logits, labels.int())
+    with pytest.raises(RuntimeError, match="Long or Byte"):  # and so does the lean one
+        cross_entropy(logits, labels.int())
 
 
 def test_bad_labels_are_refused():
