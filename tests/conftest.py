@@ -42,6 +42,17 @@ def triton_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def low_precision_dtypes():
+    """The half dtypes a kernel test sweeps: float16 wherever Triton runs (the interpreter casts to
+    it as the GPU does, rounding to nearest even) and bfloat16 on CUDA only, skipped on the CPU
+    because the interpreter casts float32 to bfloat16 by truncation (toward zero), so its bf16
+    error would be the interpreter's, not the kernel's."""
+    return [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="Triton's interpreter rounds float32 to bfloat16 toward zero (the GPU rounds to nearest "
+               "even): bfloat16 kernel error is checked on CUDA only"))]
+
+
 def saved_storages(run):
     """Run ``run()`` and return ({data_ptr: nbytes} of every storage autograd saved for the
     backward while it built its graph, run's result)."""

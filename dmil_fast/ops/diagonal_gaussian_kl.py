@@ -106,7 +106,7 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
     p_log_var=0.0)`` (mean over every element). Differentiable in every tensor argument.
 
     Args:
-        q_mu, q_logvar: (..., E), same shape, dtype and device (float32/float64 on CPU and
+        q_mu, q_logvar: (..., E), same shape, dtype and device (float16/float32/float64 on CPU and
             float16/bfloat16/float32 on CUDA for the Triton backend; any float for the reference).
         p_mu, p_logvar: a number, or a tensor of q's dtype and device broadcastable to (..., E)
             (e.g. (E,) or (1, E)); their gradients come back in their own shapes.

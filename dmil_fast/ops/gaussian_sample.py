@@ -21,7 +21,8 @@ from ._dispatch import (OpBackends, choose_backend, cpp_device_reason, cuda_devi
                         register, triton_device_reason)
 from ._validate import check_same_device, check_same_dtype, check_same_shape, check_tensor
 
-TRITON_DTYPES_CPU = (torch.float32, torch.float64)
+# bfloat16 is left out on the CPU: the interpreter casts to it by truncation, not to nearest even
+TRITON_DTYPES_CPU = (torch.float16, torch.float32, torch.float64)
 TRITON_DTYPES_CUDA = (torch.float16, torch.bfloat16, torch.float32)
 _SEED_MAX = 2**63 - 1
 
@@ -114,7 +115,7 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[in
     """Reparameterised sample of N(mu, diag(exp(logvar))), differentiable in mu and logvar.
 
     Args:
-        mu: (..., E) floating tensor (float32/float64 on CPU; float16/bfloat16/float32 on CUDA
+        mu: (..., E) floating tensor (float16/float32/float64 on CPU; float16/bfloat16/float32 on CUDA
             for the Triton backend; any floating dtype for the reference), any strides.
         logvar: (..., E), same shape, dtype and device as ``mu``.
         seed: None or an int in [0, 2**63 - 1]. Same seed -> bitwise the same z (per backend).

@@ -2,10 +2,10 @@
 
 Backends: ``reference`` (PyTorch, any float dtype and device), ``cpp`` (fused C++ kernel for
 float32/float64 CPU tensors), ``cuda`` (fused CUDA kernel for float16/bfloat16/float32/float64,
-float accumulation below float64), ``triton`` (float16/bfloat16/float32 on CUDA, float32/float64
-on CPU under TRITON_INTERPRET=1). The C++ op ``torch.ops.dmil_fast.interaction_scores`` gets its
-fake (meta) kernel and autograd formula here; its backward is the named op
-``torch.ops.dmil_fast.interaction_scores_backward``. The Triton kernels are the custom ops
+float accumulation below float64), ``triton`` (float16/bfloat16/float32 on CUDA, float16/float32/
+float64 on CPU under TRITON_INTERPRET=1, whose bfloat16 casts truncate). The C++ op
+``torch.ops.dmil_fast.interaction_scores`` gets its fake (meta) kernel and autograd formula here;
+its backward is the named op ``torch.ops.dmil_fast.interaction_scores_backward``. The Triton kernels are the custom ops
 ``dmil_fast::interaction_scores_triton{,_backward}`` with the same schemas (``custom_op`` rather
 than ``triton_op``, as for the Gaussian ops: see ``dmil_fast/ops/gaussian_sample.py``).
 """
@@ -39,7 +39,7 @@ _REDUNDANCY_CODES = {"lsmi": 0, "mmi": 1}
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _CPP_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = FLOAT_DTYPES
-_TRITON_DTYPES_CPU = (torch.float32, torch.float64)
+_TRITON_DTYPES_CPU = (torch.float16, torch.float32, torch.float64)  # no bf16: see gaussian_sample.py
 _TRITON_DTYPES_CUDA = (torch.float16, torch.bfloat16, torch.float32)
 _INTERACTION_FIELDS = ("redundancy", "unique_1", "unique_2", "synergy")
 

@@ -156,7 +156,7 @@ def variational_bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: Optional
 
     Args:
         x: (B, D); weight: (2E, D) (rows [0, E) give mu, [E, 2E) logvar); bias: (2E,) or None.
-            One floating dtype and device (Triton: float32/float64 on CPU, float16/bfloat16/
+            One floating dtype and device (Triton: float16/float32/float64 on CPU, float16/bfloat16/
             float32 on CUDA; the reference takes any float). Any strides.
         sample: draw z = mu + exp(logvar / 2) * eps (training) or return z = mu (eval).
         seed: None (torch's generator) or an int in [0, 2**63 - 1]; the Triton draw equals

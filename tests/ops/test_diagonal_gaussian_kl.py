@@ -11,11 +11,10 @@ from hypothesis import strategies as st
 import dmil_fast as dm
 from dmil_fast.ops import BackendUnavailableError
 from dmil_fast.reference.gaussian import diagonal_gaussian_kl_ref
-from tests.conftest import devices, triton_device
+from tests.conftest import devices, low_precision_dtypes, triton_device
 
 BACKEND_DEVICES = [("reference", d) for d in devices()] + [("triton", triton_device())]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="float16/bfloat16 Triton kernels need a CUDA device")
+DEVICE = triton_device()  # where the low-precision cases run: the GPU, else the interpreter
 PRIORS = ["number", "full", "row_vector", "column", "scalar_tensor"]
 
 
@@ -219,12 +218,10 @@ def test_validation_errors():
             dm.ops.diagonal_gaussian_kl(q, q, backend=backend)
 
 
-@needs_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
 def test_low_precision_error_at_most_twice_pytorch(dtype):
     def lp(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+        return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
 
     q_mu, q_lv, p_mu, p_lv = lp(129, 77), lp(129, 77, scale=0.5), lp(77), lp(77, scale=0.5)
     f32 = [t.float().requires_grad_() for t in (q_mu, q_lv, p_mu, p_lv)]

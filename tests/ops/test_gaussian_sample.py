@@ -14,11 +14,10 @@ from hypothesis import strategies as st
 import dmil_fast as dm
 from dmil_fast.ops import BackendUnavailableError
 from dmil_fast.reference.gaussian import gaussian_sample_ref
-from tests.conftest import devices, triton_device
+from tests.conftest import devices, low_precision_dtypes, triton_device
 
 BACKEND_DEVICES = [("reference", d) for d in devices()] + [("triton", triton_device())]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="float16/bfloat16 Triton kernels need a CUDA device")
+DEVICE = triton_device()  # where the low-precision cases run: the GPU, else the interpreter
 
 
 def _max_size(backend, device):
@@ -232,13 +231,11 @@ def test_validation_errors():
             dm.ops.gaussian_sample(mu, mu, backend=backend)
 
 
-@needs_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
 def test_low_precision_error_at_most_twice_pytorch(dtype):
-    mu32 = torch.randn(257, 129, device="cuda").to(dtype).float()
-    lv32 = torch.randn(257, 129, device="cuda").to(dtype).float()
-    eps = recovered_eps((257, 129), 3, "triton", "cuda")
+    mu32 = torch.randn(257, 129, device=DEVICE).to(dtype).float()
+    lv32 = torch.randn(257, 129, device=DEVICE).to(dtype).float()
+    eps = recovered_eps((257, 129), 3, "triton", DEVICE)
     exact = mu32 + torch.exp(0.5 * lv32) * eps
     z = dm.ops.gaussian_sample(mu32.to(dtype), lv32.to(dtype), seed=3, backend="triton")
     mu_lp, lv_lp, eps_lp = mu32.to(dtype), lv32.to(dtype), eps.to(dtype)
@@ -246,7 +243,7 @@ def test_low_precision_error_at_most_twice_pytorch(dtype):
     assert z.dtype == dtype
     assert (z.float() - exact).abs().max() <= 2 * (torch_lp.float() - exact).abs().max()
     # d loss / d logvar for loss = sum(grad * z)
-    grad32 = torch.randn(257, 129, device="cuda").to(dtype).float()
+    grad32 = torch.randn(257, 129, device=DEVICE).to(dtype).float()
     exact_g = grad32 * 0.5 * torch.exp(0.5 * lv32) * eps
     lv = lv32.to(dtype).requires_grad_()
     z = dm.ops.gaussian_sample(mu32.to(dtype), lv, seed=3, backend="triton")

@@ -11,15 +11,13 @@ from hypothesis import strategies as st
 import dmil_fast as dm
 from dmil_fast.ops import BackendUnavailableError, InteractionScores
 from dmil_fast.reference.interactions import adjust_interactions_ref, interaction_scores_ref
-from tests.conftest import devices, triton_device
+from tests.conftest import devices, low_precision_dtypes, triton_device
 
 ON_GPU = [d for d in devices() if d == "cuda"]
 BACKEND_DEVICES = ([("reference", d) for d in devices()] + [("cpp", "cpu")]
                    + [("cuda", d) for d in ON_GPU] + [("triton", triton_device())])
 FUSED_DEVICES = [("cpp", "cpu")] + [("cuda", d) for d in ON_GPU] + [("triton", triton_device())]
 CPP_DEVICES = [("cpp", "cpu")] + [("cuda", d) for d in ON_GPU]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="float16/bfloat16 kernels run on CUDA only; no GPU here")
 
 
 def _backends():
@@ -497,17 +495,18 @@ def test_cpp_op_raises_runtime_error(backend, device):
                                                         args[7])
 
 
-# ---- CUDA only: half precision and bad labels inside the kernel -------------------------------
+# ---- the GPU kernels: half precision and bad labels inside the kernel -------------------------
 
-@needs_cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend,device", [("cuda", "cuda"), ("triton", triton_device())])
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
 @pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
-def test_cuda_low_precision_error_within_twice_pytorch(backend, dtype, redundancy):
-    require(backend, "cuda", dtype)
-    case32 = make_case(257, 131, redundancy=redundancy, prior=True, device="cuda", seed=9)
+def test_low_precision_error_within_twice_pytorch(backend, device, dtype, redundancy):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the CUDA kernel needs a GPU; none here")
+    require(backend, device, dtype)
+    case32 = make_case(257, 131, redundancy=redundancy, prior=True, device=device, seed=9)
     low = {k: (v.to(dtype) if k.startswith("logits") else v) for k, v in case32.items()}
-    grads = torch.randn(7, 257, device="cuda")
+    grads = torch.randn(7, 257, device=device)
     truth, truth_g = run_with_grads(interaction_scores_ref, case32, grads)
     torch_out, torch_g = run_with_grads(interaction_scores_ref, low, grads.to(dtype))
     ours, ours_g = run_with_grads(lambda **k: dm.ops.interaction_scores(**k, backend=backend),

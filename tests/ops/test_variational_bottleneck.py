@@ -10,11 +10,10 @@ from hypothesis import strategies as st
 import dmil_fast as dm
 from dmil_fast.ops import BackendUnavailableError
 from dmil_fast.reference.gaussian import variational_bottleneck_grouped_ref, variational_bottleneck_ref
-from tests.conftest import devices, triton_device
+from tests.conftest import devices, low_precision_dtypes, triton_device
 
 BACKEND_DEVICES = [("reference", d) for d in devices()] + [("triton", triton_device())]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="float16/bfloat16 Triton kernels need a CUDA device")
+DEVICE = triton_device()  # where the low-precision cases run: the GPU, else the interpreter
 
 
 def _max_sizes(backend, device):
@@ -278,16 +277,14 @@ def test_validation_errors():
             vb(x, w, b, backend=backend)
 
 
-@needs_cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
 def test_low_precision_error_at_most_twice_pytorch(dtype):
     b, d, g, e = 257, 96, 3, 40
-    params = (torch.randn(b, d, device="cuda").to(dtype),
-              (torch.randn(g * 2 * e, d, device="cuda") * d ** -0.5).to(dtype),
-              torch.randn(g * 2 * e, device="cuda").to(dtype))
-    grad_z, grad_kl = torch.randn(b, g, e, device="cuda").to(dtype), torch.randn(g, device="cuda").to(dtype)
-    eps = recovered_eps(b, d, e, g, 21, "triton", "cuda")  # float32 noise
+    params = (torch.randn(b, d, device=DEVICE).to(dtype),
+              (torch.randn(g * 2 * e, d, device=DEVICE) * d ** -0.5).to(dtype),
+              torch.randn(g * 2 * e, device=DEVICE).to(dtype))
+    grad_z, grad_kl = torch.randn(b, g, e, device=DEVICE).to(dtype), torch.randn(g, device=DEVICE).to(dtype)
+    eps = recovered_eps(b, d, e, g, 21, "triton", DEVICE)  # float32 noise
 
     def run(fn, inputs, grad_dtype):
         inputs = [t.clone().requires_grad_() for t in inputs]
