@@ -88,7 +88,7 @@ def tolerances(dtype, scale=1.0):
 
 # ---- forward and gradients against the reference -------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", FUSED_DEVICES)
 @given(b=st.integers(1, 300), c=st.integers(1, 300), redundancy=st.sampled_from(["lsmi", "mmi"]),
        prior=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 2**31 - 1))
@@ -106,7 +106,7 @@ def test_matches_reference(backend, device, b, c, redundancy, prior, dtype, seed
         torch.testing.assert_close(g, w, **tolerances(dtype, 10.0), msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", FUSED_DEVICES)
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 @pytest.mark.parametrize("grad_layout", ["expanded", "strided"])
 def test_noncontiguous_inputs_and_grads(backend, device, layout, grad_layout):
