@@ -19,21 +19,37 @@ A = torch.tensor([[0.0, L3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
 CE_OUT, CE_V, CE_A = LN4, LN2, (LN6 + LN4) / 2
 
 
+def _at_labels(k0, k1):
+    """Logits with ln k at the label of each row (zeros elsewhere), and their CE by hand:
+    p = k / (k + 3) on a row of four classes."""
+    logits = torch.zeros(2, 4)
+    logits[0, 0], logits[1, 1] = math.log(k0), math.log(k1)
+    return logits, (math.log((k0 + 3) / k0) + math.log((k1 + 3) / k1)) / 2
+
+
+# The four parts' logits: each its own CE, none equal to another's or to OUT's, V's or A's.
+(SYN, CE_SYN), (RED, CE_RED), (UNI_1, CE_UNI_1), (UNI_2, CE_UNI_2) = (
+    _at_labels(2, 5), _at_labels(7, 1), _at_labels(4, 9), _at_labels(1, 6))
+
+
 def _t(x):
     return torch.tensor([x])
 
 
-def _outputs(stage):
+def _outputs(stage, kl_scale=1.0):
+    """The model's outputs of ``stage``; ``kl_scale`` multiplies every KL (0.1: an older official
+    model, which scaled them inside)."""
     out = {"out": OUT, "v_out": V, "a_out": A}
     if stage in (1, 3):
-        out.update(loss_IB=(_t(0.3), _t(0.5)), loss_rec_input=(_t(2.0), _t(4.0)))
+        out.update(loss_IB=(_t(0.3 * kl_scale), _t(0.5 * kl_scale)), loss_rec_input=(_t(2.0), _t(4.0)))
     if stage in (2, 3):
-        out.update(out_synergy=OUT, out_red=V, out_unique=(A, OUT), loss_red=_t(0.7),
-                   loss_inter=(_t(0.1), _t(0.2)), loss_uni=(_t(0.3), _t(0.4)), loss_rec_tr=(_t(1.0), _t(3.0)))
+        out.update(out_synergy=SYN, out_red=RED, out_unique=(UNI_1, UNI_2), loss_red=_t(0.7 * kl_scale),
+                   loss_inter=(_t(0.1 * kl_scale), _t(0.2 * kl_scale)),
+                   loss_uni=(_t(0.3 * kl_scale), _t(0.4 * kl_scale)), loss_rec_tr=(_t(1.0), _t(3.0)))
     return out
 
 
-COMPONENTS = CE_OUT + CE_V + CE_A + CE_OUT  # synergy, red, unique_1, unique_2
+COMPONENTS = CE_SYN + CE_RED + CE_UNI_1 + CE_UNI_2
 # The published configuration of the current official revision: lambda 0.02, reconstruction weights
 # 1.0 / 5.0 (stage 1), 2.5 (stage 2), 3.0 and 1.0 (stage 3); the KL outputs above are unweighted.
 EXPECTED_PUBLISHED = {
@@ -42,14 +58,10 @@ EXPECTED_PUBLISHED = {
     3: (CE_OUT + 0.5 * (CE_V + CE_A) + 0.02 * 1.0 * (0.3 + 0.5) + 0.05 * 0.02 * 3.0 * (2.0 + 4.0)
         + 0.02 * (0.4 * 0.7 + 0.4 * (0.1 + 0.2) + 0.4 * (0.3 + 0.4) + 0.05 * 1.0 * (1.0 + 3.0)) + 0.8 * COMPONENTS),
 }
-# The older official revision: KL outputs scaled by 0.1 in the model, lambda 0.2, reconstruction
-# weights a tenth of the current ones. Written out with this file's numbers it is the same objective.
-EXPECTED_OLD_REVISION = {
-    1: (CE_V + CE_A) + 0.2 * (0.4 * 0.03 + 2.0 * 0.05 + 0.1 * 0.1 * 2.0 + 0.1 * 0.5 * 4.0),
-    2: CE_OUT + 0.2 * (0.07 + (0.01 + 0.02) + (0.03 + 0.04) + 0.1 * 0.25 * (1.0 + 3.0)) + 0.5 * COMPONENTS,
-    3: (CE_OUT + 0.5 * (CE_V + CE_A) + 0.2 * 1.0 * (0.03 + 0.05) + 0.05 * 0.2 * 0.3 * (2.0 + 4.0)
-        + 0.2 * (0.4 * 0.07 + 0.4 * (0.01 + 0.02) + 0.4 * (0.03 + 0.04) + 0.05 * 0.1 * (1.0 + 3.0)) + 0.8 * COMPONENTS),
-}
+# An older official revision: the model scaled every KL by 0.1, lambda 0.2 and the reconstruction
+# weights a tenth of the current ones.
+OLD_REVISION = dict(lamb=0.2, stage1_visual_beta_rec=0.1, stage1_audio_beta_rec=0.5, stage2_beta_rec_tr=0.25,
+                    stage3_beta_rec_stage1=0.3, stage3_beta_rec_tr=0.1)
 
 
 @pytest.mark.parametrize("ce", [None, F.cross_entropy], ids=["default_ce", "f_cross_entropy"])
@@ -65,8 +77,9 @@ def test_published_weights(stage, ce):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_published_objective_equals_the_old_revisions(stage):
-    assert math.isclose(EXPECTED_PUBLISHED[stage], EXPECTED_OLD_REVISION[stage], rel_tol=1e-12)
+def test_an_old_revisions_configuration_on_its_scaled_kls_is_the_published_objective(stage):
+    total, _ = dmil_loss(_outputs(stage, kl_scale=0.1), LABELS, stage=stage, config=DMILConfig(**OLD_REVISION))
+    assert math.isclose(total.item(), EXPECTED_PUBLISHED[stage], rel_tol=1e-6)
 
 
 def test_weights_come_from_the_config():
@@ -75,6 +88,31 @@ def test_weights_come_from_the_config():
     total, _ = dmil_loss(_outputs(1), LABELS, stage=1, config=cfg)
     expected = 2.0 * (CE_V + CE_A) + 1.0 * (1.0 * 0.3 + 0.1 * 10.0 * 2.0)
     assert math.isclose(total.item(), expected, rel_tol=1e-6)
+
+
+def test_stage2_and_stage3_weights_come_from_the_config():
+    """Every beta of stages 2 and 3 its own value, so a weight on the wrong term changes the total."""
+    cfg = DMILConfig(lamb=0.5, beta_cls=3.0, stage2_beta_red=2.0, stage2_beta_inter=5.0, stage2_beta_uni=7.0,
+                     stage2_beta_rec_tr=11.0, stage3_beta_cls_stage1=13.0, stage3_beta_kl_stage1=17.0,
+                     stage3_beta_rec_stage1=19.0, stage3_beta_red=23.0, stage3_beta_inter=29.0,
+                     stage3_beta_uni=31.0, stage3_beta_rec_tr=37.0)
+    total_2, _ = dmil_loss(_outputs(2), LABELS, stage=2, config=cfg)
+    expected_2 = (3.0 * CE_OUT + 0.5 * (2.0 * 0.7 + 5.0 * (0.1 + 0.2) + 7.0 * (0.3 + 0.4) + 0.1 * 11.0 * (1.0 + 3.0))
+                  + 0.5 * COMPONENTS)
+    assert math.isclose(total_2.item(), expected_2, rel_tol=1e-6)
+    total_3, _ = dmil_loss(_outputs(3), LABELS, stage=3, config=cfg)
+    expected_3 = (3.0 * CE_OUT + 13.0 * (CE_V + CE_A) + 0.5 * 17.0 * (0.3 + 0.5) + 0.05 * 0.5 * 19.0 * (2.0 + 4.0)
+                  + 0.5 * (23.0 * 0.7 + 29.0 * (0.1 + 0.2) + 31.0 * (0.3 + 0.4) + 0.05 * 37.0 * (1.0 + 3.0))
+                  + 0.8 * COMPONENTS)
+    assert math.isclose(total_3.item(), expected_3, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_parts_cross_entropy_is_its_own_logits(stage):
+    _, parts = dmil_loss(_outputs(stage), LABELS, stage=stage, config=DMILConfig())
+    for key, want in (("ce_out", CE_OUT), ("ce_synergy", CE_SYN), ("ce_red", CE_RED),
+                      ("ce_unique_1", CE_UNI_1), ("ce_unique_2", CE_UNI_2)):
+        assert math.isclose(parts[key].item(), want, rel_tol=1e-6), key
 
 
 def test_baseline_losses():
