@@ -73,7 +73,7 @@ def score_model(model: torch.nn.Module, dataset, *, batch_size: int = 256, densi
             "uniform" (log 1/C).
         device: where the model runs; None = the device of the model's parameters.
         adjust: apply the dataset-level shift over all scored samples.
-        seed: seeds the density fits.
+        seed: seeds the density fits (modality 1's with ``seed``, modality 2's with ``seed + 1``).
 
     Returns:
         ``(scores, indices)``: an InteractionScores of (N,) float32 CPU tensors in dataset order and

@@ -9,7 +9,8 @@ from torch import nn
 
 from dmil_fast.data import FeatureDataset, make_synthetic
 from dmil_fast.interactions import score_model
-from dmil_fast.reference.interactions import interaction_scores_ref
+from dmil_fast.interactions.knife import KNIFE
+from dmil_fast.reference.interactions import adjust_interactions_ref, interaction_scores_ref
 
 
 class StandIn(nn.Module):
@@ -76,6 +77,29 @@ def test_lsmi_scores_use_the_model_pmis_and_densities(dataset):
                                scores.pmi_12, rtol=1e-5, atol=1e-5)
     assert not model.training
     assert all(torch.isfinite(t).all() for t in scores)
+
+
+def test_lsmi_redundancy_comes_from_each_modalitys_own_density(dataset):
+    """Against the reference fed the pointwise entropies of KNIFE densities fitted by hand, with the
+    fit's documented settings (modality 1's density seeded with seed, modality 2's with seed + 1), before and after the shift."""
+    model = StandIn(3, 4)
+    kwargs = dict(batch_size=64, density_epochs=3, density_components=5, density_lr=1e-2, seed=4, progress=False)
+    raw, _ = score_model(model, dataset, adjust=False, **kwargs)
+    shifted, _ = score_model(model, dataset, **kwargs)
+    out, y, _, log_prior = _reference(model, dataset)
+    entropies = []
+    for k, key in enumerate(("embed_1", "embed_2")):
+        knife = KNIFE(3, 5)
+        knife.fit(out[key], epochs=3, batch_size=64, lr=1e-2, seed=4 + k)
+        with torch.no_grad():
+            entropies.append(knife(out[key]))
+    assert not torch.allclose(entropies[0], entropies[1], atol=1e-2)  # a swap would show
+    ref = interaction_scores_ref(out["logits_1"], out["logits_2"], out["logits_12"], y, entropy_1=entropies[0],
+                                 entropy_2=entropies[1], log_prior=log_prior, redundancy="lsmi")
+    for name, a, b in zip(ref._fields, raw, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for name, a, b in zip(ref._fields, shifted, adjust_interactions_ref(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_uniform_prior(dataset):
