@@ -80,8 +80,9 @@ def test_lsmi_scores_use_the_model_pmis_and_densities(dataset):
 
 
 def test_lsmi_redundancy_comes_from_each_modalitys_own_density(dataset):
-    """Against the reference fed the pointwise entropies of KNIFE densities fitted by hand, with the
-    fit's documented settings (modality 1's density seeded with seed, modality 2's with seed + 1), before and after the shift."""
+    """Against the reference fed the pointwise entropies of KNIFE densities fitted by hand with the
+    fit's documented settings (modality 1's density seeded with seed, modality 2's with seed + 1),
+    before and after the shift."""
     model = StandIn(3, 4)
     kwargs = dict(batch_size=64, density_epochs=3, density_components=5, density_lr=1e-2, seed=4, progress=False)
     raw, _ = score_model(model, dataset, adjust=False, **kwargs)

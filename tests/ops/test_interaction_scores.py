@@ -244,6 +244,30 @@ def test_hand_computed_two_classes(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
+def test_ties_send_the_redundancys_gradient_to_the_first_modality(backend, device, redundancy):
+    """logits_2 = logits_1 (and h2 = h1) make every min in r a tie, which goes to the first argument
+    with its gradient: mmi r = i1, lsmi r = h1 - (h1 - i1) = i1, so d r / d logits_1 = onehot(y) -
+    softmax(logits_1), d r / d logits_2 = 0 and (lsmi) d r / d h1 = d r / d h2 = 0."""
+    require(backend, device)
+    gen = torch.Generator().manual_seed(8)
+    l1 = torch.randn(6, 5, generator=gen).to(device).requires_grad_()
+    l2 = l1.detach().clone().requires_grad_()
+    l12 = torch.randn(6, 5, generator=gen).to(device)
+    y = torch.tensor([0, 4, 2, 2, 1, 3], device=device)
+    h = torch.rand(6, generator=gen).to(device) + 1.0
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    kw = dict(entropy_1=h1, entropy_2=h2) if redundancy == "lsmi" else {}
+    out = dm.ops.interaction_scores(l1, l2, l12, y, redundancy=redundancy, backend=backend, **kw)
+    leaves = [l1, l2] + ([h1, h2] if kw else [])
+    grads = torch.autograd.grad(out.redundancy.sum(), leaves, allow_unused=True)
+    want_l1 = torch.nn.functional.one_hot(y, 5).float() - torch.softmax(l1.detach(), -1)
+    torch.testing.assert_close(grads[0], want_l1, rtol=1e-5, atol=1e-6)
+    for name, g in zip(["logits_2", "entropy_1", "entropy_2"], grads[1:]):
+        assert g is None or torch.equal(g, torch.zeros_like(g)), name
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_hand_computed_log_prior(backend, device):
     """With prior p(y) = [3/4, 1/4] and p(y | x1) = [3/4, 1/4] the pmi is ln(3/4) - ln(3/4) = 0
     for label 0 and ln(1/4) - ln(1/4) = 0 for label 1; logits [0, 0] give ln(1/2) - ln(3/4) =
