@@ -197,24 +197,39 @@ def _check_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log
                              f"got {tuple(log_prior.shape)}")
     check_same_device(logits_1=logits_1, logits_2=logits_2, logits_12=logits_12, labels=labels,
                       entropy_1=entropy_1, entropy_2=entropy_2, log_prior=log_prior)
+
+
+def _check_label_range(low: int, high: int, num_classes: int) -> None:
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels must lie in [0, C) = [0, {num_classes}), got values from {low} to {high}")
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """The labels' range, before a backend that indexes with them (a host sync)."""
     if not torch.compiler.is_compiling():
-        low, high = (int(v) for v in torch.aminmax(labels))
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"labels must lie in [0, C) = [0, {num_classes}), "
-                             f"got values from {low} to {high}")
+        low, high = torch.aminmax(labels)
+        _check_label_range(int(low), int(high), num_classes)
 
 
-def _check_no_nan(scores: torch.Tensor, **inputs: Optional[torch.Tensor]) -> None:
-    """Raise when the scores or an input hold NaN, naming the input. A NaN entropy can vanish in
-    min(), so the (B,)/(C,) inputs are checked themselves; the logits only through the scores.
-    One host sync."""
+def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int,
+                   **inputs: Optional[torch.Tensor]) -> None:
+    """Raise when the scores or an input hold NaN, naming the input, and (``labels`` given: the
+    CUDA kernels, which leave a row with a bad label NaN without reading through it) when a label
+    is out of range. A NaN entropy can vanish in min(), so the (B,)/(C,) inputs are checked
+    themselves; the logits only through the scores. One host sync, after the kernel is queued."""
     if torch.compiler.is_compiling():
         return
     # max() propagates NaN and costs a fraction of isnan().any() on large CPU tensors; all of
     # these tensors are non-empty (checked in _check_args).
-    peaks = [scores.max()] + [inputs[name].max() for name in ("entropy_1", "entropy_2", "log_prior")
-                              if inputs.get(name) is not None]
-    if not bool(torch.stack(peaks).isnan().any()):
+    peaks = [scores.detach().max()] + [inputs[name].detach().max() for name in ("entropy_1", "entropy_2", "log_prior")
+                                       if inputs.get(name) is not None]
+    any_nan = torch.stack(peaks).isnan().any()
+    if labels is None:
+        any_nan = bool(any_nan)
+    else:
+        any_nan, low, high = torch.cat([any_nan.reshape(1).long(), torch.stack(torch.aminmax(labels)).long()]).tolist()
+        _check_label_range(low, high, num_classes)
+    if not any_nan:
         return
     for name, value in inputs.items():
         if value is not None and bool(torch.isnan(value).any()):
@@ -260,13 +275,20 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
     """
     _check_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior, redundancy)
     choice = choose_backend(BACKENDS.name, backend, logits_1.device, logits_1.dtype)
+    num_classes = logits_1.shape[1]
     nan_sources = dict(logits_1=logits_1, logits_2=logits_2, logits_12=logits_12,
                        entropy_1=entropy_1, entropy_2=entropy_2, log_prior=log_prior)
+    # The reference and the C++ CPU kernel index with the labels, so their range is checked first;
+    # the CUDA kernels (Triton's and ours) NaN a row with a bad label instead, so on the GPU the
+    # check joins the NaN check after the launch: one host sync per call.
+    labels_after = choice != "reference" and labels.device.type == "cuda"
+    if not labels_after:
+        _check_labels(labels, num_classes)
     if choice == "reference":
         out = interaction_scores_ref(
             logits_1, logits_2, logits_12, labels, entropy_1=entropy_1, entropy_2=entropy_2,
             log_prior=log_prior.detach() if log_prior is not None else None, redundancy=redundancy)
-        _check_no_nan(torch.stack(tuple(out)), **nan_sources)
+        _check_outputs(torch.stack(tuple(out)), None, num_classes, **nan_sources)
         return out
     acc = accumulation_dtype(logits_1.dtype)
     lsmi = redundancy == "lsmi"
@@ -278,7 +300,7 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
         entropy_2.to(acc) if lsmi else None,
         log_prior.detach().to(acc) if log_prior is not None else None,
         _REDUNDANCY_CODES[redundancy])
-    _check_no_nan(scores, **nan_sources)
+    _check_outputs(scores, labels if labels_after else None, num_classes, **nan_sources)
     return InteractionScores(*scores.unbind(1))  # seven (B,) columns
 
 

@@ -447,6 +447,36 @@ def test_bad_input_names_the_argument(backend, label, change, exc, name):
         dm.ops.interaction_scores(**kwargs)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bad", [3, -1])
+def test_out_of_range_labels_are_refused_on_every_device(backend, device, bad):
+    """On CUDA the fused backends check the labels after the launch (their kernels NaN such a
+    row without reading through it), elsewhere before: the same error either way."""
+    require(backend, device)
+    case = make_case(4, 3, prior=True, device=device, seed=1)
+    case["labels"] = torch.tensor([0, 1, bad, 2], device=device)
+    low, high = min(bad, 0), max(bad, 2)
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, C\) = \[0, 3\), got values from {low} to {high}"):
+        dm.ops.interaction_scores(**case, backend=backend)
+
+
+def test_the_check_after_a_gpu_launch_finds_bad_labels_and_names_a_nan_input():
+    """The one-sync check of the CUDA path, on what such a launch leaves: a NaN row for a bad label."""
+    from dmil_fast.ops.interaction_scores import _check_outputs
+
+    case = make_case(4, 3, prior=True, seed=1)
+    inputs = {k: case[k] for k in DIFF_KEYS + ("log_prior",)}
+    scores = torch.zeros(4, 7)
+    assert _check_outputs(scores, case["labels"], 3, **inputs) is None
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\) = \[0, 3\), got values from 0 to 5"):
+        _check_outputs(torch.where(torch.arange(4)[:, None] == 2, float("nan"), scores),
+                       torch.tensor([0, 1, 5, 2]), 3, **inputs)
+    inputs["entropy_2"] = inputs["entropy_2"].clone()
+    inputs["entropy_2"][3] = float("nan")
+    with pytest.raises(ValueError, match="entropy_2 contains NaN"):
+        _check_outputs(scores, case["labels"], 3, **inputs)
+
+
 def test_unavailable_backend_says_why():
     case = make_case(4, 3, seed=1)
     half = {k: (v.half() if k.startswith("logits") else v) for k, v in case.items()}
