@@ -3,8 +3,8 @@ forward+backward; providers ``reference``, ``compile``, ``cpp`` (CPU) and ``cuda
 
 The fused providers are timed through the public op as a user calls it, its input checks included
 (the label range and a NaN check: on CUDA one host sync per call, after the launch); ``reference``
-and ``compile`` are the bare PyTorch function, which checks nothing. The ratios are therefore what
-a user gains, and the kernels alone are a little faster still.
+and ``compile`` are the bare PyTorch function, which checks nothing. The ratios are therefore those
+a user gets, the cost of the checks counted against the fused providers.
 
 Memory-bound: the minimal traffic is the three (B, C) logits read, plus per row the label, two
 float32 entropies and seven outputs (forward); the backward reads the seven output grads and the
