@@ -47,7 +47,9 @@ def copy_bandwidth():
 def _collect_result(request):
     """After each benchmark, keep its stats and extra_info for the JSON file and the summary."""
     yield
-    benchmark = request.node.funcargs.get("benchmark")
+    # funcargs is None when the session was interrupted during this test (its teardown then runs
+    # at the session's end): nothing was timed to keep.
+    benchmark = (getattr(request.node, "funcargs", None) or {}).get("benchmark")
     if benchmark is not None:
         RESULTS.add(request.node.nodeid, benchmark)
 

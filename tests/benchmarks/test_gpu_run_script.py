@@ -30,8 +30,8 @@ def _run(out, *phases, **env):
 
 def test_bench_phase_saves_results_and_judges_them(tmp_path):
     out = tmp_path / "gpu-run"
-    done = _run(out, "bench", GPU_RUN_PYTEST_ARGS="-k fwd-cpu-float32-B4096xC6",
-                GPU_RUN_ACT_ARGS="--batch 16 --embed 8")
+    done = _run(out, "bench", GPU_RUN_KEYWORDS="fwd-cpu-float32-B4096xC6",
+                GPU_RUN_ACT_ARGS="--batch 16 --embed 8", DMIL_FAST_COMMIT="0123abc")
     # The ops session ran the selected CPU target cases; the DMIL-step/LSMI session, whose target
     # cases are all on the GPU, selected nothing: one failed phase, said as such.
     assert done.returncode == 1, done.stdout + done.stderr
@@ -39,6 +39,7 @@ def test_bench_phase_saves_results_and_judges_them(tmp_path):
     results = list(out.glob("*.json"))
     assert len(results) == 1, sorted(p.name for p in out.iterdir())
     payload = json.loads(results[0].read_text())
+    assert payload["commit"] == "0123abc"  # named by the caller: the GPU's copy of the tree has no .git
     providers = {r["extra_info"]["provider"] for r in payload["benchmarks"]}
     assert providers == {"reference", "cpp"}
     table = (out / "targets.md").read_text()
@@ -50,6 +51,13 @@ def test_bench_phase_saves_results_and_judges_them(tmp_path):
     assert "activation memory kept for the backward, B=16" in step_log
     assert all(f"| {stage} |" in step_log for stage in (1, 2, 3))
     assert len(list(out.iterdir())) <= 8
+
+
+def test_by_default_the_benchmark_sessions_leave_the_cpu_cases_out(tmp_path):
+    out = tmp_path / "gpu-run"
+    done = _run(out, "bench", GPU_RUN_ACT_ARGS="--batch 16 --embed 8")
+    assert "bench ops: no test selected" in done.stdout and "bench step: no test selected" in done.stdout
+    assert not list(out.glob("*.json"))
 
 
 def test_unknown_phase_is_refused(tmp_path):
