@@ -1,7 +1,8 @@
 """Test configuration shared by every test module.
 
 - On a machine without a GPU the Triton kernels run under Triton's CPU interpreter (set in the
-  project root's conftest.py, before triton is imported), so kernel tests are never skipped.
+  project root's conftest.py, before triton is imported), so kernel tests run there too; only
+  the bfloat16 error checks wait for a GPU (see low_precision_dtypes).
 - Hypothesis: a small derandomized "ci" profile (the default) and a larger "dev" profile
   (HYPOTHESIS_PROFILE=dev).
 """
