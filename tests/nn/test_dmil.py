@@ -229,6 +229,27 @@ class _BNEncoder(nn.Module):
         return self.bn(self.lin(x))
 
 
+@pytest.mark.parametrize("stages", [(1,), (2,), (3,), (2, 3), (2, 1)])
+def test_each_stage_freezes_what_the_reference_model_freezes(stages):
+    """Per parameter (requires_grad), against the official model's own list of stage-1 modules,
+    after the same sequence of configure_stage calls; per module (training) after one call (leaving
+    stage 2, this model puts the modules it froze back into training mode, the official one leaves
+    that to the next train())."""
+    torch.manual_seed(0)
+    ref = ReferenceDMILModel(_BNEncoder(), _BNEncoder(), embed_size=E, num_class=C, input_size=D)
+    model = dm.DMILModel(_BNEncoder(), _BNEncoder(), embed_size=E, num_class=C, input_size=D)
+    for stage in stages:
+        ref.configure_stage(stage)
+        model.configure_stage(stage)
+    want = {name: p.requires_grad for name, p in ref.named_parameters()}
+    got = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert got == want
+    assert any(want.values()) and (stages[-1] != 2 or not all(want.values()))
+    if len(stages) == 1:
+        modes = {name: m.training for name, m in ref.named_modules()}
+        assert {name: m.training for name, m in model.named_modules() if name in modes} == modes
+
+
 def test_stage2_freezes_stage1_modules_and_train_keeps_them_in_eval():
     model = dm.DMILModel(_BNEncoder(), _BNEncoder(), embed_size=E, num_class=C, input_size=D)
     model.configure_stage(2)
