@@ -83,6 +83,38 @@ def test_dmil_schedule_switches_stages_reloads_best_and_writes_outputs(tmp_path)
         "best_stage1.pt", "best_stage2.pt", "best_stage3.pt", "last.pt"]
 
 
+class _ScriptedValidation(Trainer):
+    """Validation results scripted per epoch (the test split is evaluated for real)."""
+
+    script = []
+
+    def evaluate(self, split):
+        if split is self.data.val:
+            loss, acc = self.script[self.epoch - 1]
+            return {"loss": loss, "acc": acc}
+        return super().evaluate(split)
+
+
+def test_plateau_follows_the_validation_loss_and_the_first_best_accuracy_is_kept(tmp_path):
+    """Validation loss 3, 2, 1 (always improving: no learning-rate cut, patience 0) while the
+    accuracy 0.5, 0.5, 0.4 stalls (stepping the plateau on it would halve the rate for epoch 3); the
+    best checkpoint is epoch 1's (a later tie does not replace it), and the test metrics are those
+    of that checkpoint's weights."""
+    config = DMILConfig(n_epochs=3, stage1_epochs=3, stage2_epochs=0, stage1_plateau_patience=0,
+                        stage1_plateau_factor=0.5, **TINY)
+    _ScriptedValidation.script = [(3.0, 0.5), (2.0, 0.5), (1.0, 0.4)]
+    trainer = _ScriptedValidation(_data(), config, method="dmil", out_dir=tmp_path, echo=None)
+    metrics = trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [float(r["lr"]) for r in rows] == [0.05, 0.05, 0.05]
+    best = load_checkpoint(tmp_path / "checkpoints" / "best_stage1.pt")
+    assert best["epoch"] == 1 and metrics["best_val_accuracy"] == 0.5
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state_dict"]
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in best["state_dict"].items())  # reloaded for the test
+    assert any(not torch.equal(last[k], v) for k, v in best["state_dict"].items())  # and not the last
+
+
 def test_stage2_optimizer_holds_only_trainable_parameters(tmp_path):
     config = DMILConfig(n_epochs=3, stage1_epochs=1, stage2_epochs=1, **TINY)
     trainer = Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None)
