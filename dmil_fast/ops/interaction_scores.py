@@ -221,7 +221,7 @@ def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_cla
         return
     # max() propagates NaN and costs a fraction of isnan().any() on large CPU tensors; all of
     # these tensors are non-empty (checked in _check_args).
-    peaks = [scores.detach().max()] + [inputs[name].detach().max() for name in ("entropy_1", "entropy_2", "log_prior")
+    peaks = [scores.max()] + [inputs[name].max() for name in ("entropy_1", "entropy_2", "log_prior")
                                        if inputs.get(name) is not None]
     any_nan = torch.stack(peaks).isnan().any()
     if labels is None:
