@@ -235,3 +235,19 @@ def test_gap_check_survives_rounding_of_huge_logits():
     xd = x.double()
     want = interaction_scores_ref(xd, xd, xd, y, redundancy="mmi").pmi_1
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", (45, 2048 + 45))
+def test_two_pass_rows_count_a_maximum_in_the_ragged_end(c):
+    """A row with no number above -inf in its first vector nor at its label (-inf there: scores
+    that the public op refuses, but the raw op returns and its backward reads the log-sum-exp)
+    takes each chunk's maximum first. A maximum that only the ragged last vector holds must count,
+    or exp(x - shift) overflows: the log-sum-exp against torch.logsumexp."""
+    _require_cpp()
+    gen = torch.Generator().manual_seed(c)
+    logits = torch.randn(3, 5, c, generator=gen)
+    logits[..., :8] = float("-inf")  # the first vector, the label's column among them
+    logits[..., c - 1] = 200.0  # past the last whole vector of the row (and of its last chunk)
+    labels = torch.zeros(5, dtype=torch.long)
+    _, lse = torch.ops.dmil_fast.interaction_scores(*logits, labels, None, None, None, 1)
+    torch.testing.assert_close(lse.t(), torch.logsumexp(logits.double(), -1).float(), rtol=1e-6, atol=1e-5)
