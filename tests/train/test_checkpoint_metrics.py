@@ -27,6 +27,18 @@ def test_checkpoint_round_trip_atomic_and_verified(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
+@pytest.mark.parametrize("change", ["dtype", "shape", "name"])
+def test_verification_sees_a_change_of_dtype_shape_or_name_with_the_same_bytes(tmp_path, change):
+    """The digest covers each entry's name, dtype and shape, not only its bytes: the same zero bytes
+    reinterpreted as int32, reshaped or renamed fail verification."""
+    payload = load_checkpoint(save_checkpoint(tmp_path / "a.pt", {"state_dict": {"w": torch.zeros(2, 2)}}))
+    same_bytes = {"dtype": {"w": torch.zeros(2, 2, dtype=torch.int32)}, "shape": {"w": torch.zeros(4)},
+                  "name": {"v": torch.zeros(2, 2)}}[change]
+    torch.save(dict(payload, state_dict=same_bytes), tmp_path / "changed.pt")
+    with pytest.raises(ValueError, match="verification"):
+        load_checkpoint(tmp_path / "changed.pt")
+
+
 def test_prediction_metrics_by_hand():
     # 4 samples, 3 classes. Predictions: m1 (0, 0, 2, 1), m2 (1, 0, 0, 1), m12 (0, 2, 2, 1).
     def onehot(pred):
