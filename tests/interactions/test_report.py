@@ -59,6 +59,10 @@ def test_write_report_contents(tmp_path):
     for k, name in enumerate(["a", "b", "c"]):
         counts = np.bincount(dominant[labels == k], minlength=4)
         assert saved["dominant_counts_per_class"][name] == dict(zip(names, counts.tolist()))
+    assert list(saved["means_per_split"]) == ["train", "val", "test"]
+    for code, name in enumerate(["train", "val", "test"]):
+        np.testing.assert_allclose(list(saved["means_per_split"][name].values()),
+                                   values.astype(np.float32)[split == code].mean(0), atol=1e-5)
     _check_pngs(tmp_path)
 
 
