@@ -222,12 +222,13 @@ def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_cla
     # max() propagates NaN and costs a fraction of isnan().any() on large CPU tensors; all of
     # these tensors are non-empty (checked in _check_args).
     peaks = [scores.max()] + [inputs[name].max() for name in ("entropy_1", "entropy_2", "log_prior")
-                                       if inputs.get(name) is not None]
-    any_nan = torch.stack(peaks).isnan().any()
+                              if inputs.get(name) is not None]
+    nan_flag = torch.stack(peaks).isnan().any()
     if labels is None:
-        any_nan = bool(any_nan)
-    else:
-        any_nan, low, high = torch.cat([any_nan.reshape(1).long(), torch.stack(torch.aminmax(labels)).long()]).tolist()
+        any_nan = bool(nan_flag)
+    else:  # the flag and the labels' range in one transfer
+        stats = torch.cat([nan_flag.reshape(1).long(), torch.stack(torch.aminmax(labels)).long()])
+        any_nan, low, high = stats.tolist()
         _check_label_range(low, high, num_classes)
     if not any_nan:
         return

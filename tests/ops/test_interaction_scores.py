@@ -18,6 +18,7 @@ BACKEND_DEVICES = ([("reference", d) for d in devices()] + [("cpp", "cpu")]
                    + [("cuda", d) for d in ON_GPU] + [("triton", triton_device())])
 FUSED_DEVICES = [("cpp", "cpu")] + [("cuda", d) for d in ON_GPU] + [("triton", triton_device())]
 CPP_DEVICES = [("cpp", "cpu")] + [("cuda", d) for d in ON_GPU]
+GPU_KERNEL_DEVICES = [("cuda", d) for d in ON_GPU] + [("triton", triton_device())]  # kernels that NaN bad rows
 
 
 def _backends():
@@ -551,12 +552,10 @@ def test_cpp_op_raises_runtime_error(backend, device):
 
 # ---- the GPU kernels: half precision and bad labels inside the kernel -------------------------
 
-@pytest.mark.parametrize("backend,device", [("cuda", "cuda"), ("triton", triton_device())])
+@pytest.mark.parametrize("backend,device", GPU_KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype", low_precision_dtypes())
 @pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
 def test_low_precision_error_within_twice_pytorch(backend, device, dtype, redundancy):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("the CUDA kernel needs a GPU; none here")
     require(backend, device, dtype)
     case32 = make_case(257, 131, redundancy=redundancy, prior=True, device=device, seed=9)
     low = {k: (v.to(dtype) if k.startswith("logits") else v) for k, v in case32.items()}
@@ -576,12 +575,10 @@ def test_low_precision_error_within_twice_pytorch(backend, device, dtype, redund
         assert err_ours <= 2 * err_torch + 1e-6
 
 
-@pytest.mark.parametrize("backend,device", [("cuda", "cuda"), ("triton", triton_device())])
+@pytest.mark.parametrize("backend,device", GPU_KERNEL_DEVICES)
 def test_kernel_bad_label_gives_nan_row(backend, device):
-    """Called directly (the public op validates labels first), the GPU kernels never read through
-    a bad label: that row is NaN and the others are untouched."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("the CUDA kernel needs a GPU; none here")
+    """Called directly (the public op refuses bad labels), the GPU kernels never read through a bad
+    label: that row is NaN and the others are untouched."""
     require(backend, device)
     case = make_case(5, 4, device=device, seed=1)
     args = list(_op_args(case))

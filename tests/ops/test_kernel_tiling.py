@@ -84,9 +84,8 @@ def test_kl_on_many_programs_matches_reference(small_tiles, reduction):
 
 @pytest.mark.parametrize("sample", [True, False])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_bottleneck_epilogue_on_many_programs_matches_reference(monkeypatch, sample, recompute):
+def test_bottleneck_epilogue_on_many_programs_matches_reference(small_tiles, sample, recompute):
     b, d, g = 13, 10, 3  # 39 (row, head) pairs of E = 21
-    _use_small_tiles(monkeypatch)
     x, weight, bias = _leaves(_randn(b, d, seed=1), _randn(g * 2 * E, d, scale=d ** -0.5, seed=2),
                               _randn(g * 2 * E, seed=3))
     # the draw of head h of row r sits at logical offset (r * G + h) * E + e
