@@ -8,7 +8,7 @@
     torchrun --nproc_per_node N -m dmil_fast train ...     (data parallel: NCCL on GPUs, gloo on CPU)
     dmil-fast demo  [--out DIR] [--n N] [--epochs N] [--seed S] [--config FILE] [--tiny] [--device D]
     dmil-fast score --data DIR [--model CHECKPOINT] --out DIR [--redundancy {lsmi,mmi}] [--epochs N]
-                    [--seed S] [--batch-size N] [--no-progress]
+                    [--seed S] [--batch-size N] [--device D] [--threads N] [--no-progress]
     dmil-fast info  [--json]
 
 ``dmil-fast COMMAND --help`` says what each option does.
@@ -37,16 +37,42 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .demo import DEMO_SAMPLES
+from ._device import check_device
+from .demo import DEMO_MIN_SAMPLES, DEMO_SAMPLES
 from .interactions.report import add_arguments as score_arguments
+from .ops import BackendUnavailableError
 
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ImportError)
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ImportError,
+                BackendUnavailableError)
 
 
-def _device(name: str) -> str:
-    from .demo import resolve_device
+def _check_settings(args) -> None:
+    """Settings that need no data: checked before anything is read or written."""
+    check_device(args.device, name="--device")
+    if isinstance(args.compile, str):
+        import torch
 
-    return resolve_device(name)
+        known = torch.compiler.list_backends(exclude_tags=())
+        if args.compile not in known:
+            raise ValueError(f"--compile must name a torch.compile backend "
+                             f"({', '.join(torch.compiler.list_backends())}), got {args.compile!r}")
+    from .nn.dmil import MODEL_BACKENDS
+    from .ops._dispatch import ENV_VAR
+
+    env = os.environ.get(ENV_VAR)
+    if env and args.method == "dmil" and args.backend is None and env not in MODEL_BACKENDS:
+        raise ValueError(f"{ENV_VAR}={env!r}: the DMIL model's ops run {' or '.join(MODEL_BACKENDS)} "
+                         f"(unset it to let them choose by device)")
+    if args.backend is not None:
+        if args.method != "dmil":
+            raise ValueError(f"--backend applies to the DMIL model's fused ops; the {args.method} baseline "
+                             "runs plain PyTorch layers")
+        if args.backend not in MODEL_BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(MODEL_BACKENDS)} (the DMIL model's ops have "
+                             f"no other kernel), got {args.backend!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; expected a directory (it is created if missing)")
 
 
 def _config(args, preset: str):
@@ -71,10 +97,12 @@ def _load_data(args, config):
     if args.pretrained and args.init_from:
         raise ValueError("--pretrained and --init-from both set the initial weights: give one of them")
     if looks_like_cremad(args.data):
-        return MediaData.load(args.data, num_frames=args.num_frames, frame_dir=args.frame_dir,
-                              seed=config.random_seed)
-    if args.pretrained:
-        raise ValueError("--pretrained loads ResNet18 encoders: it needs a raw CREMA-D --data directory")
+        given = {k: v for k, v in (("num_frames", args.num_frames), ("frame_dir", args.frame_dir)) if v is not None}
+        return MediaData.load(args.data, seed=config.random_seed, **given)
+    for flag, value in (("--pretrained", args.pretrained), ("--num-frames", args.num_frames),
+                        ("--frame-dir", args.frame_dir)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to raw CREMA-D video: it needs a raw CREMA-D --data directory")
     return FeatureData.load(args.data, stream=args.stream)
 
 
@@ -85,12 +113,13 @@ def cmd_train(args) -> int:
     from .train.distributed import init_distributed, shutdown
     from .train.media import load_pretrained_encoders, looks_like_cremad
 
+    _check_settings(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("published" if looks_like_cremad(args.data) else "features")
     config = _config(args, preset)
     data = _load_data(args, config)
-    dist = init_distributed(_device(args.device) if args.device != "auto" else "auto")
+    dist = init_distributed(args.device)
     try:
         trainer = Trainer(data, config, method=args.method, out_dir=args.out, dist=dist,
                           progress=not args.no_progress, echo=None if args.quiet else _echo,
@@ -159,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (default backend: inductor)")
     p.add_argument("--init-from", metavar="CKPT",
                    help="initial weights: a dmil-fast checkpoint, an official DMIL checkpoint or a state_dict")
-    p.add_argument("--backend", help="ops backend of the DMIL model (default: automatic)")
+    p.add_argument("--backend", help="ops backend of the DMIL model: reference or triton (default: the ops "
+                   "choose by device)")
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--stream", action="store_true", default=None,
                         help="read features from disk batch by batch (default: when they exceed 2 GiB)")
@@ -169,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "on few cores often run faster with 1)")
     p.add_argument("--pretrained", metavar="RESNET18",
                    help="CREMA-D: ImageNet resnet18 weights (torchvision names) for both encoders")
-    p.add_argument("--num-frames", type=int, default=1, help="CREMA-D: frames per clip (default 1)")
-    p.add_argument("--frame-dir", default="Image-01-FPS", help="CREMA-D: folder of frame folders")
+    p.add_argument("--num-frames", type=int, help="CREMA-D: frames per clip (default 1)")
+    p.add_argument("--frame-dir", help="CREMA-D: folder of frame folders (default Image-01-FPS)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="synthetic benchmark: joint vs ensemble vs DMIL")
@@ -195,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for name, low in (("epochs", 1), ("n", 1), ("checkpoint_every", 0), ("workers", 0), ("num_frames", 1),
-                      ("threads", 1)):
+    for name, low in (("epochs", 1), ("n", DEMO_MIN_SAMPLES), ("checkpoint_every", 0), ("workers", 0),
+                      ("num_frames", 1), ("threads", 1), ("batch_size", 1), ("seed", 0)):
         value = getattr(args, name, None)
         if value is not None and value < low:
             flag = "--" + name.replace("_", "-")

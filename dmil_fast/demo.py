@@ -10,20 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from ._device import check_device
 
-def resolve_device(name: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else unchanged."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 #: The demo's synthetic mix of (redundancy, unique_1, unique_2, synergy): all four types.
 DEMO_MIX = (0.25, 0.25, 0.25, 0.25)
 DEMO_METHODS = ("joint", "ensemble", "dmil")
 #: Demo set size: 12000 samples (1800 test) keeps the standard error of the accuracies near 0.01.
 DEMO_SAMPLES = 12000
+#: The smallest set ``--n`` takes: 200 samples leave 30 for the test split, about 7 per type.
+DEMO_MIN_SAMPLES = 200
 
 def _present(results: Dict[str, dict], type_names: Sequence[str]) -> List[str]:
     """The types with test samples (a type absent from the mix has accuracy None everywhere)."""
@@ -55,7 +51,10 @@ def _plot(results: Dict[str, dict], type_names: Sequence[str], path: Path, chanc
     for i, (method, m) in enumerate(results.items()):
         values = [m["test_accuracy"]] + [m["per_type_accuracy"].get(t) or 0.0 for t in groups[1:-1]] + [m["syn"]]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, label=method)
-    ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
+    last_accuracy = len(groups) - 1.5  # Syn. is a fraction of samples, not an accuracy: no chance line there
+    ax.hlines(chance, -0.5, last_accuracy, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.axvline(last_accuracy, color="lightgray", linewidth=0.8)
+    ax.set_xlim(-0.5, len(groups) - 0.5)
     ax.set_xticks(x, groups)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy (Syn.: fraction of samples)")
@@ -82,18 +81,21 @@ def run_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     n = args.n if args.n is not None else (900 if args.tiny else DEMO_SAMPLES)
+    if n < DEMO_MIN_SAMPLES:
+        raise ValueError(f"--n must be at least {DEMO_MIN_SAMPLES} (15% of the samples are the test split), got {n}")
     epochs = args.epochs if args.epochs is not None else (3 if args.tiny else None)
+    device = str(check_device(args.device, name="--device"))  # settings first, before any data is written
+    config = _demo_config(args, epochs)
     path = make_synthetic(out / "data", n=n, mix=DEMO_MIX, seed=args.seed)
     data = FeatureData.load(path)
     print(f"synthetic set: {n} samples, mix (redundancy, unique_1, unique_2, synergy) = {DEMO_MIX}, "
           f"{data.num_classes} classes, chance {1 / data.num_classes:.3f}")
-    device = resolve_device(args.device)
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)  # tiny models: one thread beats several that mostly synchronise
     results = {}
     try:
-        _train_demo_methods(args, data, out, device, epochs, results)
+        _train_demo_methods(config, data, out, device, results)
     finally:
         torch.set_num_threads(threads)
     type_names = data.type_names or []
@@ -108,17 +110,22 @@ def run_demo(args) -> int:
     return 0
 
 
-def _train_demo_methods(args, data, out: Path, device: str, epochs, results: Dict[str, dict]) -> None:
-    from .train import DMILConfig, train
+def _demo_config(args, epochs):
+    """The features preset (or ``--config`` on top of it) with the demo's seed and epochs."""
+    from .train import DMILConfig
+
+    if args.config:
+        config = DMILConfig.from_yaml(args.config, preset="features")
+        config = DMILConfig(**dict(config.to_dict(), random_seed=args.seed, adam_betas=config.adam_betas))
+    else:
+        config = DMILConfig.for_features(random_seed=args.seed)
+    return config if epochs is None else config.scaled(epochs)
+
+
+def _train_demo_methods(config, data, out: Path, device: str, results: Dict[str, dict]) -> None:
+    from .train import train
 
     for method in DEMO_METHODS:
-        if args.config:
-            config = DMILConfig.from_yaml(args.config, preset="features")
-            config = DMILConfig(**dict(config.to_dict(), random_seed=args.seed, adam_betas=config.adam_betas))
-        else:
-            config = DMILConfig.for_features(random_seed=args.seed)
-        if epochs is not None:
-            config = config.scaled(epochs)
         print(f"training {method} ({config.n_epochs} epochs) ...", flush=True)
         results[method] = train(data, method=method, config=config, out_dir=out / method, device=device,
                                 progress=False, echo=None)

@@ -45,6 +45,10 @@ def collect() -> Dict[str, object]:
         "extension": "loaded" if ext_reason is None else ext_reason,
         "extension_with_cuda": _dispatch.extension_built_with_cuda(),
     }
+    env = report["backend_env"]
+    if env and env not in _dispatch.BACKENDS:
+        report["backend_env_problem"] = (f"{_dispatch.ENV_VAR}={env!r} is not a backend "
+                                         f"({', '.join(_dispatch.BACKENDS)}): every op refuses to run")
     if torch.cuda.is_available():
         report["cuda_device"] = torch.cuda.get_device_name(0)
     devices = [torch.device("cpu")]
@@ -62,7 +66,7 @@ def collect() -> Dict[str, object]:
 def format_report(report: Dict[str, object]) -> str:
     lines = ["dmil_fast " + str(report["dmil_fast"])]
     keys = ["python", "platform", "torch", "torch_cuda", "cuda_available", "cuda_device", "triton", "numpy",
-            "triton_interpret", "backend_env", "extension", "extension_with_cuda"]
+            "triton_interpret", "backend_env", "backend_env_problem", "extension", "extension_with_cuda"]
     for key in keys:
         if key in report:
             lines.append(f"  {key:20s} {report[key]}")

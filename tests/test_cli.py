@@ -201,3 +201,118 @@ def test_every_option_of_every_command_says_what_it_does():
     missing = [f"{name} {action.option_strings[-1]}" for name, sub in commands.items() for action in sub._actions
                if action.option_strings and not action.help]
     assert missing == []
+
+
+def _refused(args, capsys, *needles):
+    """``main(args)`` exits 2 with an ``error:`` line holding every needle, and no traceback."""
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--device", "gpu"], ("--device must be 'auto' or a torch device", "'gpu'")),
+    (["--device", "cuda:99"], ("--device 'cuda:99' is not available",)),
+    (["--compile", "no_such_backend"], ("--compile must name a torch.compile backend", "inductor")),
+    (["--backend", "cpp"], ("--backend must be one of reference, triton", "'cpp'")),
+    (["--backend", "gpu"], ("--backend must be one of reference, triton", "'gpu'")),
+    (["--num-frames", "4"], ("--num-frames applies to raw CREMA-D",)),
+    (["--frame-dir", "frames"], ("--frame-dir applies to raw CREMA-D",)),
+    (["--seed", "-1"], ("--seed must be an int >= 0",)),
+])
+def test_bad_train_settings_are_refused_before_anything_is_written(tiny, tmp_path, capsys, extra, needles):
+    out = tmp_path / "out"
+    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(out), "--epochs", "1", *extra],
+             capsys, *needles)
+    assert not out.exists()
+
+
+def test_train_refuses_an_out_path_that_is_a_file_and_a_baseline_backend(tiny, tmp_path, capsys):
+    afile = tmp_path / "taken"
+    afile.write_text("keep me")
+    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(afile)], capsys,
+             f"--out {afile} is a file")
+    assert afile.read_text() == "keep me"
+    _refused(["train", "--data", str(tiny), "--method", "joint", "--out", str(tmp_path / "o"),
+              "--backend", "triton"], capsys, "--backend applies to the DMIL model", "joint")
+
+
+def test_an_ops_backend_that_cannot_run_here_is_refused_before_the_first_step(tiny, small_config, tmp_path,
+                                                                              capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton cannot run CPU tensors without it
+    out = tmp_path / "o"
+    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(out), "--epochs", "1",
+              "--config", str(small_config), "--device", "cpu", "--backend", "triton", "--no-progress"],
+             capsys, "backend 'triton' cannot run", "TRITON_INTERPRET=1 is not set")
+    assert not (out / "log.csv").exists()
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "cpp")
+    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(out), "--epochs", "1"],
+             capsys, "DMIL_FAST_BACKEND='cpp'")
+
+
+def test_a_config_inconsistent_with_the_preset_says_which_values_came_from_it(tiny, tmp_path, capsys):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("stage1_epochs: 60\n")
+    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path / "o"), "--config", str(cfg),
+              "--epochs", "4"], capsys, "long.yaml", "stage1_epochs (60)", "n_epochs", "preset's value")
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--batch-size", "0"], ("--batch-size must be an int >= 1", "0")),
+    (["--batch-size", "-5"], ("--batch-size must be an int >= 1",)),
+    (["--seed", "-1"], ("--seed must be an int >= 0",)),
+    (["--threads", "0"], ("--threads must be an int >= 1",)),
+    (["--device", "gpu"], ("--device must be 'auto' or a torch device",)),
+    (["--device", "cuda:99"], ("--device 'cuda:99' is not available",)),
+])
+def test_bad_score_settings_are_refused(tiny, tmp_path, capsys, extra, needles):
+    out = tmp_path / "o"
+    _refused(["score", "--data", str(tiny), "--out", str(out), "--no-progress", *extra], capsys, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--n", "10"], ("--n must be an int >= 200",)),
+    (["--device", "gpu"], ("--device must be 'auto' or a torch device",)),
+    (["--config", "MISSING"], ("config file not found",)),
+])
+def test_bad_demo_settings_are_refused_before_the_data_is_made(tmp_path, capsys, extra, needles):
+    out = tmp_path / "demo"
+    extra = [str(tmp_path / "absent.yaml") if e == "MISSING" else e for e in extra]
+    _refused(["demo", "--tiny", "--out", str(out), *extra], capsys, *needles)
+    assert not (out / "data").exists()
+
+
+def test_score_takes_a_plain_state_dict_of_the_official_model(tiny, tmp_path, capsys):
+    """An official-layout feature model saved as a bare state_dict is rebuilt and scored: the CSV
+    equals score_model on the saved model itself, with the same seed and density epochs."""
+    import csv
+
+    import torch
+
+    import dmil_fast as dm
+    from dmil_fast.data import FeatureDataset
+
+    torch.manual_seed(3)
+    model = dm.DMILModel(None, None, embed_size=8, num_class=3, input_size=8, stage=3).eval()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    out = tmp_path / "scored"
+    assert main(["score", "--data", str(tiny), "--model", str(tmp_path / "plain.pt"), "--out", str(out),
+                 "--epochs", "2", "--seed", "4", "--no-progress", "--device", "cpu"]) == 0
+    want, rows = dm.interactions.score_model(model, FeatureDataset(tiny), density_epochs=2, seed=4,
+                                             device="cpu", progress=False)
+    with open(out / "interactions.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in got] == [int(i) for i in rows]
+    for name, field in (("redundancy", "r"), ("unique_1", "u1"), ("unique_2", "u2"), ("synergy", "s")):
+        column = torch.tensor([float(r[field]) for r in got], dtype=torch.float64)
+        torch.testing.assert_close(column, getattr(want, name).double(), rtol=0, atol=5e-7)
+        assert not any(r[field].startswith("-0.000000") for r in got), field
+    other = dm.DMILModel(None, None, embed_size=8, num_class=3, input_size=8, stage=3, synergy_hidden=4)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")],
+             capsys, "records no architecture", "dmil-fast train")
+

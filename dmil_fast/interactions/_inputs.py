@@ -49,7 +49,9 @@ def check_batch(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, *, num_clas
     if y.numel():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{ny} must hold labels in [0, {num_classes}), got values in [{lo}, {hi}]")
+            hint = f"; the estimator's num_classes is {num_classes}" + (
+                f", the labels need num_classes >= {hi + 1}" if hi >= num_classes else "")
+            raise ValueError(f"{ny} must lie in [0, {num_classes}), got values in [{lo}, {hi}]{hint}")
     for name, x in ((n1, x1), (n2, x2)):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or infinite values")

@@ -25,12 +25,14 @@ belongs to sample i of the input.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import ops
+from .._device import check_device
 from ..ops import InteractionScores
 from ._inputs import Source, feature_stats, progress_bar
 from .knife import KNIFE
@@ -84,15 +86,21 @@ class _JointDiscriminator(nn.Module):
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device("auto" if device is None else device)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _positive_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {value!r}")
     return value
+
+
+def _real(name: str, value, *, low: float, low_ok: bool) -> float:
+    """``value`` as a float, > ``low`` (>= with ``low_ok``); a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) \
+            or not (value >= low if low_ok else value > low):
+        raise ValueError(f"{name} must be a number {'>=' if low_ok else '>'} {low:g}, got {value!r}")
+    return float(value)
 
 
 class LSMIEstimator:
@@ -142,21 +150,15 @@ class LSMIEstimator:
         self.batch_size = _positive_int("batch_size", batch_size)
         self.fusion_rank = _positive_int("fusion_rank", fusion_rank)
         self.components = _positive_int("components", components)
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        self.lr = float(lr)
-        self.density_lr = float(density_lr) if density_lr is not None else 10.0 * self.lr
-        if not self.density_lr > 0:
-            raise ValueError(f"density_lr must be > 0, got {density_lr!r}")
-        if not 0 <= val_fraction < 1:
+        self.lr = _real("lr", lr, low=0, low_ok=False)
+        self.density_lr = 10.0 * self.lr if density_lr is None else _real("density_lr", density_lr, low=0, low_ok=False)
+        self.val_fraction = _real("val_fraction", val_fraction, low=0, low_ok=True)
+        if not self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-        self.val_fraction = float(val_fraction)
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        self.weight_decay = float(weight_decay)
-        self.seed = int(seed)
+        self.weight_decay = _real("weight_decay", weight_decay, low=0, low_ok=True)
+        self.seed = _positive_int("seed", seed, low=0)
         self.device = _resolve_device(device)
-        self.num_workers = int(num_workers)
+        self.num_workers = _positive_int("num_workers", num_workers, low=0)
         self.progress = bool(progress)
         self.dims = None
         self.log_prior = None           # (C,) float32 once fitted

@@ -1,9 +1,12 @@
 """Interaction reports (per-sample CSV, summary JSON, plots) and the ``dmil-fast score`` command.
 
     dmil-fast score --data DIR [--model CHECKPOINT] --out DIR [--redundancy lsmi|mmi] [--epochs N] [--seed S]
+                    [--batch-size N] [--device D] [--threads N] [--no-progress]
 
 Without ``--model`` an :class:`LSMIEstimator` is fitted on the dataset's train split and scores every
-sample; with ``--model`` the trained model's own outputs are scored (:func:`score_model`).
+sample; with ``--model`` the trained model's own outputs are scored (:func:`score_model`). ``--model``
+takes a checkpoint of ``dmil-fast train`` (which records the model's architecture), or an official
+DMIL checkpoint or plain state_dict of the official model on features (:func:`dmil_fast.train.load_model`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .._device import check_device
 from ..ops import InteractionScores
 
 DEFAULT_TYPE_NAMES = ("redundancy", "unique_1", "unique_2", "synergy")
@@ -126,7 +130,7 @@ def _write_csv(path: Path, indices, labels, split, values, dominant, truth, type
         writer.writerow(header)
         for i in range(values.shape[0]):
             row = [int(indices[i]), int(labels[i]), SPLIT_NAMES[split[i]] if split is not None else "",
-                   *(f"{v:.6f}" for v in values[i]), type_names[dominant[i]]]
+                   *(f"{round(float(v), 6) + 0.0:.6f}" for v in values[i]), type_names[dominant[i]]]
             if truth is not None:
                 row.append(type_names[truth[i]])
             writer.writerow(row)
@@ -236,6 +240,9 @@ def add_arguments(parser) -> None:
                              "(default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the estimator / density fits (default 0)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; the estimator's "
+                        "small networks often run faster with 1 on few cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
@@ -254,29 +261,57 @@ def _split_codes(path, n_rows: int) -> np.ndarray:
 
 
 def _load_checked_model(path: str, dims, device: torch.device):
-    from ..train import load_checkpoint, load_model
+    from ..train import load_model
+    from ..train.checkpoint import read_state_dict
 
-    spec = load_checkpoint(path).get("model")
+    _, spec = read_state_dict(path)  # a dmil-fast checkpoint has a spec; official and plain ones do not
     if isinstance(spec, dict) and spec.get("dims") is not None and tuple(spec["dims"]) != tuple(dims):
         raise ValueError(f"checkpoint {path} was trained on feature dims {tuple(spec['dims'])}, "
                          f"but the data has dims {tuple(dims)}")
-    return load_model(path).to(device).eval()
+    try:
+        return load_model(path).to(device).eval()
+    except ValueError as exc:
+        if spec is not None:
+            raise
+        raise ValueError(f"{exc}. {path} records no architecture (an official checkpoint or a plain "
+                         "state_dict), so it was rebuilt as the official stage-3 DMIL model; a model of "
+                         "another architecture is scored from the checkpoint dmil-fast train wrote") from None
 
 
 def main(args) -> int:
     """Run ``dmil-fast score`` from an argparse Namespace (attributes: data, model, out, redundancy,
-    epochs, seed, batch_size); writes the report into ``args.out`` and returns 0."""
+    epochs, seed, batch_size, device, threads); writes the report into ``args.out`` and returns 0.
+    The settings are checked before any data is read; torch's thread count is restored afterwards."""
+    progress = getattr(args, "progress", True)
+    epochs = getattr(args, "epochs", None)
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = 256 if batch_size is None else batch_size
+    seed = getattr(args, "seed", None)
+    seed = 0 if seed is None else seed
+    threads = getattr(args, "threads", None)
+    for flag, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--seed", seed, 0),
+                             ("--threads", threads, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{flag} must be an int >= {low}, got {value!r}")
+    device = check_device(getattr(args, "device", "auto"), name="--device")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; expected a directory (it is created if missing)")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _score_and_report(args, epochs=epochs, batch_size=batch_size, seed=seed, device=device,
+                                 progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _score_and_report(args, *, epochs, batch_size: int, seed: int, device: torch.device, progress: bool) -> int:
     from ..data import FeatureDataset
     from .estimator import LSMIEstimator
     from .scoring import score_model
 
-    progress = getattr(args, "progress", True)
-    epochs = getattr(args, "epochs", None)
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"--epochs must be a positive int, got {epochs}")
-    batch_size = getattr(args, "batch_size", None) or 256
-    seed = getattr(args, "seed", 0) or 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = FeatureDataset(args.data)
     if getattr(args, "model", None):
         model = _load_checked_model(args.model, data.dims, device)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.modules import module as _module_mod  # the global forward/backward (pre-)hook registries
 
 from ..ops import BACKENDS
+from ..ops._dispatch import choose_backend
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from .decomposition import align_kl, first_level, recon_loss, second_level
@@ -27,6 +28,11 @@ STAGE1_MODULES = ("visual_net", "audio_net", "embed_v", "embed_a", "IB_m1_tr", "
                   "IB_m2_ir", "recon_1", "recon_2", "tr1_fc", "tr2_fc")
 
 TRAIN_MODALITIES = ("both", "visual", "audio")
+
+#: The fused ops the model's forward calls, and the backends they have (``"reference"`` everywhere,
+#: ``"triton"`` on GPUs and under Triton's interpreter; no C++ or CUDA kernel).
+MODEL_OPS = ("variational_bottleneck", "diagonal_gaussian_kl")
+MODEL_BACKENDS = ("reference", "triton")
 
 
 class CrossModality(nn.Module):
@@ -221,7 +227,8 @@ class DMILModel(nn.Module):
         backend: ``None`` lets the fused ops choose by device; ``"reference"`` runs plain PyTorch
             drawing eps with ``torch.randn_like`` in the official order, so with the same torch
             seed (and weights) it reproduces the official model; any other name of
-            ``dmil_fast.ops.BACKENDS`` is forwarded to the ops.
+            ``MODEL_BACKENDS`` (``"triton"``) is forwarded to the ops; :meth:`check_backend` says,
+            before a forward, whether it can run on a device.
         synergy_hidden: 0 (default) builds the published synergy module ``cross_modality``
             (Linear(3E, E)); H > 0 an optional larger one with a hidden layer of width H (see
             :class:`CrossModality`; its state_dict then differs from the official one).
@@ -253,8 +260,10 @@ class DMILModel(nn.Module):
         super().__init__()
         if not isinstance(recompute, bool):
             raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+        if backend is not None and backend not in MODEL_BACKENDS:
+            why = (f" (the model's ops, {' and '.join(MODEL_OPS)}, have no {backend} kernel)"
+                   if backend in BACKENDS else "")
+            raise ValueError(f"backend must be None or one of {MODEL_BACKENDS}, got {backend!r}{why}")
         for name, value in (("embed_size", embed_size), ("num_class", num_class), ("input_size", input_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -353,6 +362,20 @@ class DMILModel(nn.Module):
     @property
     def _op_backend(self) -> Optional[str]:
         return None if self._reference else self.backend
+
+    def check_backend(self, device=None, dtype: torch.dtype = torch.float32) -> str:
+        """The backend the model's ops will run for ``dtype`` inputs on ``device`` (default: where
+        the parameters are), found without running them. Raises
+        :class:`dmil_fast.ops.BackendUnavailableError`, listing every backend with its reason, when
+        the model's ``backend`` (or ``DMIL_FAST_BACKEND``) cannot run there, so that a training run
+        can refuse before its first step."""
+        if self._reference:
+            return "reference"
+        if device is None:
+            device = next(self.parameters()).device
+        device = torch.device(device)
+        chosen = {choose_backend(name, self._op_backend, device, dtype) for name in MODEL_OPS}
+        return chosen.pop() if len(chosen) == 1 else "/".join(sorted(chosen))
 
     def _recomputes(self, x: Tensor) -> bool:
         """Whether the heads' op will rebuild its projections in the backward for inputs like x:

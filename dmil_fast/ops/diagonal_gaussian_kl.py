@@ -8,6 +8,7 @@ The Triton backend is a ``torch.library.custom_op`` (not ``triton_op``; see
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -88,6 +89,10 @@ def _prior(name: str, value, q: torch.Tensor) -> torch.Tensor:
     """A prior argument as a tensor that broadcasts to ``q`` (a number becomes a 0-d tensor)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((), float(value), dtype=q.dtype, device=q.device)
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):  # a NumPy scalar, a Fraction
+            return torch.full((), float(value), dtype=q.dtype, device=q.device)
+        raise TypeError(f"{name} must be a number or a torch.Tensor, got {type(value).__name__}")
     check_tensor(name, value)
     ok = value.dim() <= q.dim() and all(
         p in (1, s) for p, s in zip(reversed(value.shape), reversed(q.shape)))

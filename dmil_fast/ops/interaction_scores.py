@@ -254,8 +254,8 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
             both; one floating dtype, any strides.
         labels: (B,) integer class indices in [0, C).
         entropy_1, entropy_2: (B,) pointwise entropies -log p(x_m) of a density model, any float
-            dtype (used in the accumulation dtype); required for ``redundancy="lsmi"``, ignored
-            for ``"mmi"``. Differentiable.
+            dtype (used in the accumulation dtype); required for ``redundancy="lsmi"``, not used
+            by ``"mmi"`` (but checked when given). Differentiable.
         log_prior: (C,) log class prior; default log(1/C). Not differentiated.
         redundancy: ``"lsmi"`` (r = min(h1, h2) - min(h1 - i1, h2 - i2)) or ``"mmi"``
             (r = min(i1, i2)); min takes its first argument on ties, and so does the gradient.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -78,7 +79,19 @@ def _torch_load(path: Path, map_location) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, garbage bytes, unpickling refusals
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt, or it holds objects other than "
+                         f"tensors and plain containers): {type(exc).__name__}: {_load_reason(exc)}") from None
+
+
+def _load_reason(exc: Exception) -> str:
+    """The cause in torch.load's message, without its advice to load with ``weights_only=False``
+    (which would run arbitrary code from the file)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|$)", text, flags=re.S)
+    if found is None:
+        return text
+    reason = " ".join(found.group(1).split())
+    return reason.split(". ")[0].rstrip(".") if reason else text
 
 
 def _verified(payload: Any, path: Path) -> Dict[str, Any]:

@@ -182,8 +182,8 @@ class DMILConfig:
         ======================================================  ===============  ===============
 
         The ensemble stays at chance on synergistic samples in every setting (this preset: 0.773
-        overall, synergy 0.182; seed 1: 0.764, 0.155). The demo takes about 2 minutes of CPU
-        time, single-threaded, most of it DMIL's.
+        overall, synergy 0.182; seed 1: 0.764, 0.155). The demo takes 35-60 s on a 2-core CPU
+        machine, single-threaded (more when the machine is busy), most of it DMIL's.
 
         Findings:
 
@@ -341,7 +341,13 @@ class DMILConfig:
             raise ValueError(f"{path} must hold a mapping of settings, got {type(raw).__name__}")
         values = _coerce(_flatten_official(raw, path), path)
         preset = values.pop("preset", preset)
-        return cls.from_preset(preset, **values)
+        try:
+            return cls.from_preset(preset, **values)
+        except ValueError as exc:
+            unset = sorted({"n_epochs", "stage1_epochs", "stage2_epochs"} - set(values))
+            hint = (f" ({', '.join(unset)} not in the file: the {preset!r} preset's value)"
+                    if unset and "epochs" in str(exc) else "")
+            raise ValueError(f"{path}: {exc}{hint}") from None
 
 
 def _flatten_official(raw: Dict[str, Any], path: Path) -> Dict[str, Any]:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._device import check_device
+
 BACKENDS = ("nccl", "gloo")
 
 
@@ -72,9 +74,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} and WORLD_SIZE={world} do not describe a process of the group")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
     if world == 1:

@@ -41,6 +41,9 @@ def build_model(method: str, dims: Optional[Tuple[int, int]], num_classes: int, 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if backend is not None and method != "dmil":
+        raise ValueError(f"backend applies to the DMIL model's fused ops; the {method} baseline runs plain "
+                         f"PyTorch layers (got backend {backend!r} with method {method!r})")
     if encoders is None:
         if dims is None:
             raise ValueError("dims (D1, D2) is needed unless encoders are given")

@@ -74,9 +74,29 @@ def lean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return _CrossEntropy.apply(logits, labels.long())[0]
 
 
+_STAGE_1_KEYS = ("out", "v_out", "a_out", "loss_IB", "loss_rec_input")
+_STAGE_2_KEYS = ("out", "loss_red", "loss_inter", "loss_uni", "loss_rec_tr", "out_synergy", "out_red", "out_unique")
+#: The outputs each stage's objective reads.
+STAGE_KEYS = {1: _STAGE_1_KEYS, 2: _STAGE_2_KEYS, 3: _STAGE_1_KEYS + _STAGE_2_KEYS[1:]}
+
+
+def _check_outputs(outputs: Mapping, labels: Tensor, keys: Tuple[str, ...], needed_by: str, hint: str) -> None:
+    if not isinstance(outputs, Mapping):
+        raise TypeError(f"outputs must be the dict the model's forward returns, got {type(outputs).__name__}")
+    missing = [k for k in keys if k not in outputs]
+    if missing:
+        raise KeyError(f"outputs lack {', '.join(map(repr, missing))}, which {needed_by} needs; {hint}")
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be a tensor of int64 class indices, got {kind}")
+    rows = outputs["out"].shape[0]
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},) (one class index per row of outputs['out']), "
+                         f"got {tuple(labels.shape)}")
+
+
 def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:
-    if key not in outputs:
-        raise KeyError(f"outputs has no {key!r}; pass the dict returned by DMILModel.forward of this stage")
     first, second = outputs[key]
     return first.sum(), second.sum()  # (1,) -> (), as the official trainer's torch.sum
 
@@ -126,6 +146,8 @@ def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int, conf
     """
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    _check_outputs(outputs, labels, STAGE_KEYS[stage], f"the stage-{stage} objective",
+                   f"pass the dict DMILModel.forward returns in stage {stage} (model.configure_stage({stage}))")
     c, lam = config, config.lamb
     ce, ce_parts = (F.cross_entropy, lean_cross_entropy) if cross_entropy is None else (cross_entropy,) * 2
     parts: Dict[str, Tensor] = {"ce_out": ce(outputs["out"], labels)}
@@ -177,6 +199,8 @@ def baseline_loss(outputs: Mapping[str, Tensor], labels: Tensor, *, method: str)
     """
     if method not in ("joint", "ensemble"):
         raise ValueError(f"method must be 'joint' or 'ensemble', got {method!r}")
+    _check_outputs(outputs, labels, ("out", "v_out", "a_out"), f"the {method} objective",
+                   "pass the dict the baseline model's forward returns")
     parts = {"ce_out": F.cross_entropy(outputs["out"], labels),
              "ce_v": F.cross_entropy(outputs["v_out"], labels),
              "ce_a": F.cross_entropy(outputs["a_out"], labels)}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._device import check_device
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import DMILConfig
 from .data import FeatureData
@@ -96,7 +97,7 @@ class Trainer(ResumableTraining):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         self.method, self.config = method, config
-        self.dist = dist or DistContext(device=torch.device(device))
+        self.dist = dist or DistContext(device=check_device(device))
         self.device = self.dist.device
         self.per_rank_batch = per_rank_batch(config.batch_size, self.dist.world_size)
         self.amp, self.compile, self.checkpoint_every = amp, compile, checkpoint_every
@@ -108,6 +109,8 @@ class Trainer(ResumableTraining):
         seed_everything(config.random_seed + self.dist.rank)  # own sampling noise per rank; DDP syncs the init
         self.data = data.to(self.device)
         self.model = (model or self._build_model(backend)).to(self.device)
+        if hasattr(self.model, "check_backend"):  # refuse an unusable ops backend before any step
+            self.model.check_backend(self.device, AMP_DTYPES[amp] if amp is not None else torch.float32)
         if init_from is not None:
             load_weights(self.model, init_from)
         self.sync_bn = self._convert_batchnorm(sync_bn)
@@ -128,11 +131,18 @@ class Trainer(ResumableTraining):
         keys, so checkpoints load either way. Returns whether the model was converted."""
         if not isinstance(sync_bn, bool):
             raise TypeError(f"sync_bn must be a bool, got {type(sync_bn).__name__}")
-        if not sync_bn or not self.dist.enabled:
-            return False  # one process: its batch statistics are the global ones already
+        if not sync_bn:
+            return False
+        if not self.dist.enabled:
+            self.log.say("sync_bn: one process, whose batch statistics already are the global batch's; "
+                         "BatchNorm is left as it is")
+            return False
         if self.device.type != "cuda":
             raise ValueError(f"sync_bn needs CUDA devices (torch's SyncBatchNorm has no kernel for "
                              f"{self.device.type} tensors); train without --sync-bn here")
+        if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            self.log.say(f"sync_bn: the {self.method} model has no BatchNorm layer; nothing to synchronise")
+            return False
         self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         return True
 

@@ -179,8 +179,8 @@ def small_fitted():
 @pytest.mark.parametrize("case,error,match", [
     ("short_x2", ValueError, "x2 has 63 samples"),
     ("short_y", ValueError, "y has 63 labels"),
-    ("label_range", ValueError, r"y must hold labels in \[0, 2\)"),
-    ("negative_label", ValueError, r"y must hold labels in \[0, 2\)"),
+    ("label_range", ValueError, r"y must lie in \[0, 2\).*num_classes is 2, the labels need num_classes >= 3"),
+    ("negative_label", ValueError, r"y must lie in \[0, 2\).*num_classes is 2"),
     ("nan_x1", ValueError, "x1 contains NaN"),
     ("inf_x2", ValueError, "x2 contains NaN or infinite"),
     ("dims_x1", ValueError, "x1 must have 1 features"),
@@ -227,5 +227,16 @@ def test_bad_settings():
         LSMIEstimator(2, prior="flat")
     with pytest.raises(ValueError, match="epochs"):
         LSMIEstimator(2, epochs=0)
+    for name, value, match in (("lr", "1e-3", "lr must be a number > 0"), ("lr", 0.0, "lr must be a number > 0"),
+                               ("density_lr", float("nan"), "density_lr must be a number > 0"),
+                               ("weight_decay", -1.0, "weight_decay must be a number >= 0"),
+                               ("val_fraction", 1.0, r"val_fraction must be in \[0, 1\)"),
+                               ("seed", 1.7, "seed must be an int >= 0"), ("seed", -2, "seed must be an int >= 0"),
+                               ("num_workers", -1, "num_workers must be an int >= 0"),
+                               ("device", "gpu", "device must be 'auto' or a torch device"),
+                               ("device", "cuda:99", "device 'cuda:99' is not available")):
+        with pytest.raises(ValueError, match=match):
+            LSMIEstimator(2, **{name: value})
     with pytest.raises(RuntimeError, match="before fit"):
         LSMIEstimator(2).score(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
+

@@ -337,11 +337,35 @@ def test_interaction_outputs_are_eval_semantics_and_restore_modes():
     assert out["embed_2"].shape == (B, E)
 
 
+def test_check_backend_refuses_before_a_forward_what_the_forward_would_refuse(monkeypatch):
+    x1, x2 = _inputs()
+    assert dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend="reference").check_backend() \
+        == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend="triton")
+    for call in (lambda: model.check_backend("cpu"), lambda: model(x1, x2)):
+        with pytest.raises(dm.ops.BackendUnavailableError, match="TRITON_INTERPRET=1 is not set"):
+            call()
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "cpp")
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D)
+    for call in (lambda: model.check_backend(), lambda: model(x1, x2)):
+        with pytest.raises(dm.ops.BackendUnavailableError, match="has no C\\+\\+ kernel"):
+            call()
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert model.check_backend("cpu") == "triton"
+    with pytest.raises(dm.ops.BackendUnavailableError, match="bfloat16"):  # the interpreter's bf16 is refused
+        model.check_backend("cpu", torch.bfloat16)
+
+
 def test_constructor_and_forward_validate_arguments():
     with pytest.raises(ValueError, match="stage"):
         dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, stage=4)
     with pytest.raises(ValueError, match="backend"):
         dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend="gpu")
+    for backend in ("cpp", "cuda"):  # backends of other ops: the heads' ops have no such kernel
+        with pytest.raises(ValueError, match=f"have no {backend} kernel"):
+            dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend=backend)
     model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D)
     x1, x2 = _inputs()
     with pytest.raises(ValueError, match="train_modality"):

@@ -195,6 +195,20 @@ def test_compile_fullgraph():
         torch.testing.assert_close(g, g_ref)
 
 
+def test_numpy_and_fraction_priors_are_numbers():
+    """A NumPy scalar or a Fraction prior is the number it holds: closed form
+    KL = 0.5 (lv_p - lv_q + (exp(lv_q) + (mu_q - mu_p)^2) / exp(lv_p) - 1), elementwise mean."""
+    import numpy as np
+    from fractions import Fraction
+
+    q_mu, q_lv = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    p_mu, p_lv = 0.25, -0.5
+    want = (0.5 * (p_lv - q_lv + (q_lv.exp() + (q_mu - p_mu) ** 2) / math.exp(p_lv) - 1)).mean()
+    for mu, lv in ((np.float32(p_mu), np.float64(p_lv)), (Fraction(1, 4), Fraction(-1, 2))):
+        got = dm.ops.diagonal_gaussian_kl(q_mu, q_lv, mu, lv, backend="reference")
+        torch.testing.assert_close(got, want)
+
+
 def test_validation_errors():
     q = torch.randn(4, 3)
     with pytest.raises(ValueError, match="q_logvar must have the same shape as q_mu"):
@@ -205,8 +219,9 @@ def test_validation_errors():
         dm.ops.diagonal_gaussian_kl(q, q, 0.0, torch.randn(2, 4, 3))
     with pytest.raises(TypeError, match="p_mu has dtype float64 but q_mu has float32"):
         dm.ops.diagonal_gaussian_kl(q, q, torch.randn(3, dtype=torch.float64))
-    with pytest.raises(TypeError, match="p_mu must be a torch.Tensor"):
-        dm.ops.diagonal_gaussian_kl(q, q, "zero")
+    for not_a_number in ("zero", [0.0, 0.0, 0.0], True):
+        with pytest.raises(TypeError, match="p_mu must be a number or a torch.Tensor"):
+            dm.ops.diagonal_gaussian_kl(q, q, not_a_number)
     with pytest.raises(TypeError, match="q_mu must have dtype in"):
         dm.ops.diagonal_gaussian_kl(torch.ones(2, 2, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="p_logvar is on meta but q_mu is on cpu"):

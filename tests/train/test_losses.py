@@ -128,6 +128,15 @@ def test_bad_stage_or_missing_output():
         dmil_loss(_outputs(1), LABELS, stage=4, config=DMILConfig())
     with pytest.raises(KeyError, match="loss_inter"):
         dmil_loss({k: v for k, v in _outputs(2).items() if k != "loss_inter"}, LABELS, stage=2, config=DMILConfig())
+    stage1 = {k: _outputs(1)[k] for k in ("out", "v_out", "a_out", "loss_IB", "loss_rec_input")}
+    with pytest.raises(KeyError, match=r"'loss_red', 'loss_inter'.*stage-2 objective.*configure_stage\(2\)"):
+        dmil_loss(stage1, LABELS, stage=2, config=DMILConfig())  # a stage-1 model's outputs
+    with pytest.raises(TypeError, match="labels must be a tensor of int64 class indices, got torch.float32"):
+        dmil_loss(_outputs(1), LABELS.float(), stage=1, config=DMILConfig())
+    with pytest.raises(ValueError, match=rf"labels must have shape \({LABELS.shape[0]},\)"):
+        dmil_loss(_outputs(1), LABELS[:-1], stage=1, config=DMILConfig())
+    with pytest.raises(KeyError, match="'v_out'.*the joint objective"):
+        baseline_loss({"out": OUT, "a_out": A}, LABELS, method="joint")
 
 
 @pytest.mark.parametrize("stage", [2, 3])

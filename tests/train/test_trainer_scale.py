@@ -129,8 +129,10 @@ def test_sync_bn_on_one_process_is_a_no_op_and_on_cpu_ranks_a_clear_error(syn, t
 
     config = DMILConfig(n_epochs=1, stage1_epochs=1, stage2_epochs=0, **SMALL)
     data = FeatureData.load(syn)
-    single = Trainer(data, config, method="joint", out_dir=tmp_path / "a", echo=None, sync_bn=True)
+    said = []
+    single = Trainer(data, config, method="joint", out_dir=tmp_path / "a", echo=said.append, sync_bn=True)
     assert single.sync_bn is False
+    assert len(said) == 1 and "one process" in said[0]  # not silently ignored
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in single.model.modules())
     two_cpu_ranks = DistContext(rank=0, world_size=2, backend="gloo", device=torch.device("cpu"))
     with pytest.raises(ValueError, match="sync_bn needs CUDA devices"):
@@ -156,3 +158,4 @@ def test_sync_bn_converts_the_resnet_batchnorms_on_gpu_ranks(tmp_path):
     assert not any(type(m) is torch.nn.BatchNorm2d for m in trainer.model.modules())
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules()) == 2 * 20
     assert set(trainer.model.state_dict()) == plain_keys  # checkpoints keep their keys
+
