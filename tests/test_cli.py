@@ -162,7 +162,7 @@ def test_bad_arguments(tiny, tmp_path, capsys):
     assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "stage9_lr" in err and "bad.yaml" in err
-    for flag, value in (("--checkpoint-every", "-1"), ("--workers", "-3"), ("--num-frames", "0")):
+    for flag, value in (("--checkpoint-every", "-1"), ("--workers", "-3"), ("--num-frames", "0"), ("--threads", "0")):
         assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path), flag, value]) == 2
         assert flag in capsys.readouterr().err
     assert main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path / "p"),
@@ -316,3 +316,36 @@ def test_score_takes_a_plain_state_dict_of_the_official_model(tiny, tmp_path, ca
     _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")],
              capsys, "records no architecture", "dmil-fast train")
 
+
+def test_in_memory_and_stream_flags_reach_the_data(tiny, tmp_path, monkeypatch):
+    import dmil_fast.train as train_module
+
+    seen = {}
+
+    class Recording(train_module.Trainer):
+        def fit(self, *, resume=False):
+            seen["stream"] = self.data.stream
+            return {"test_accuracy": 0.5, "syn": 0.0, "per_type_accuracy": {}}
+
+    monkeypatch.setattr(train_module, "Trainer", Recording)
+    for flags, expected in ((["--in-memory"], False), (["--stream"], True), ([], False)):  # tiny: in memory
+        assert main(["train", "--data", str(tiny), "--method", "joint", "--epochs", "1", "--out", str(tmp_path),
+                     "--no-progress", "--quiet", *flags]) == 0
+        assert seen["stream"] is expected, flags
+
+
+def test_demo_seed_reaches_the_data_and_the_thread_count_is_restored(tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("embed_size: 8\nencoder_hidden: 16\ninput_size: 16\njoint_fusion_hidden: 8\n")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--n", "300", "--epochs", "1", "--seed", "3", "--config", str(cfg), "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["params"]["seed"] == 3
+    assert json.loads((tmp_path / "dmil" / "metrics.json").read_text())["seed"] == 3

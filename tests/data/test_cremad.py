@@ -230,3 +230,19 @@ def test_paths_of_a_clip(root):
         ds.audio_path(2)
     with pytest.raises(TypeError, match="i must be an int"):
         ds.frame_folder("0")
+
+
+def test_eval_frames_are_normalised_with_the_published_imagenet_statistics():
+    colour = (200, 100, 50)
+    x = cremad.transform_frame(Image.new("RGB", (48, 36), colour), train=False)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # torchvision's ImageNet values
+    np.testing.assert_allclose(x.mean(dim=(1, 2)).numpy(), (np.array(colour) / 255 - mean) / std, atol=1e-4)
+
+
+def test_random_crops_span_torchvisions_default_scale_range():
+    """RandomResizedCrop's default scale is (0.08, 1.0) of the area."""
+    torch.manual_seed(0)
+    area = np.array([w * h / (320 * 240) for _, _, w, h in
+                     (cremad.random_resized_crop_box(320, 240) for _ in range(2000))])
+    assert area.min() < 0.1 and area.max() > 0.9
+    assert (area < 0.3).mean() > 0.15

@@ -103,3 +103,9 @@ def test_bad_arguments():
         logic_gate("and", 0)
     with pytest.raises(ValueError, match="noise must be"):
         logic_gate("and", 10, noise=-1.0)
+
+
+def test_the_two_modalities_jitter_independently():
+    x1, x2, _ = logic_gate("xor", 20000, noise=0.1, seed=5)
+    residuals = torch.stack([(x1 - x1.round())[:, 0], (x2 - x2.round())[:, 0]])
+    assert abs(float(torch.corrcoef(residuals)[0, 1])) < 0.05

@@ -173,3 +173,14 @@ def test_bad_arguments_name_the_argument(tmp_path, kwargs, name):
 def test_wrong_argument_type(tmp_path):
     with pytest.raises(TypeError, match="n must be an int"):
         make_synthetic(tmp_path, n=10.5)
+
+
+def test_the_two_modalities_draw_independent_noise(tmp_path):
+    """On unique_1 samples modality 2 is noise only: modality 1's residual from its class mean
+    must not correlate with it."""
+    path = make_synthetic(tmp_path, n=3000, seed=3)
+    x1, x2 = np.load(path / "modality_1.npy"), np.load(path / "modality_2.npy")
+    y, kind = np.load(path / "labels.npy"), np.load(path / "interaction_type.npy")
+    rows = kind == INTERACTION_TYPES.index("unique_1")
+    residual = x1[rows] - np.stack([x1[rows & (y == k)].mean(0) for k in range(6)])[y[rows]]
+    assert abs(np.corrcoef(residual.ravel(), x2[rows].ravel())[0, 1]) < 0.05

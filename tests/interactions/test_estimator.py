@@ -9,6 +9,7 @@ import torch
 
 from dmil_fast.data import LOGIC_GATE_TRUTH, FeatureDataset, logic_gate, make_synthetic
 from dmil_fast.interactions import LSMIEstimator
+from dmil_fast.interactions._inputs import Source
 from dmil_fast.reference.interactions import interaction_scores_ref
 
 COMPONENTS = ("redundancy", "unique_1", "unique_2", "synergy")
@@ -240,3 +241,20 @@ def test_bad_settings():
     with pytest.raises(RuntimeError, match="before fit"):
         LSMIEstimator(2).score(torch.zeros(2, 1), torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
 
+
+def test_tensor_batches_shuffle_by_their_generator_and_stay_aligned():
+    n = 50
+    x = torch.arange(n, dtype=torch.float32)[:, None]
+    source = Source(x, -x, torch.arange(n) % 3, num_classes=3)
+
+    def order(seed):
+        rows = []
+        for b1, b2, by in source.batches(8, device=torch.device("cpu"), shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed)):
+            assert torch.equal(b2, -b1) and torch.equal(by, b1[:, 0].long() % 3)  # rows stay aligned
+            rows.append(b1[:, 0])
+        return torch.cat(rows)
+
+    first = order(0)
+    assert sorted(first.tolist()) == list(range(n)) and not torch.equal(first, x[:, 0])
+    assert torch.equal(first, order(0)) and not torch.equal(first, order(1))

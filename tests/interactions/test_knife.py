@@ -112,3 +112,50 @@ def test_bad_inputs_name_the_argument():
         KNIFE(0)
     with pytest.raises(ValueError, match="components"):
         KNIFE(2, components=0)
+
+
+def test_log_scale_bound_bounds_the_scales_in_the_density():
+    """With b != 1 the density is still the Gaussian mixture with precision A^T A,
+    A = (I + L) diag(exp(b tanh(theta))), built here with torch.distributions."""
+    b, k, d = 0.3, 4, 3
+    g = torch.Generator().manual_seed(0)
+    knife = KNIFE(d, k, log_scale_bound=b).double()
+    with torch.no_grad():
+        for p in (knife.means, knife.raw_log_scales, knife.mixing, knife.weight_logits):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 2)
+    s = b * torch.tanh(knife.raw_log_scales.detach())
+    a = (torch.eye(d, dtype=torch.float64) + torch.tril(knife.mixing.detach(), -1)) @ torch.diag_embed(s.exp())
+    components = torch.distributions.MultivariateNormal(knife.means.detach(), precision_matrix=a.transpose(1, 2) @ a)
+    mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=knife.weight_logits.detach()), components)
+    x = torch.randn(50, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(knife.log_prob(x), mixture.log_prob(x), rtol=1e-9, atol=1e-9)
+
+
+def test_fit_reshuffles_every_epoch_by_its_seed(monkeypatch):
+    seen = []
+    step = KNIFE.step
+    monkeypatch.setattr(KNIFE, "step", lambda self, x, opt: seen.append(x[:, 0].clone()) or step(self, x, opt))
+    x = torch.arange(40, dtype=torch.float32)[:, None]  # row i holds i
+
+    def orders(seed):
+        seen.clear()
+        KNIFE(1, 2).fit(x, epochs=3, batch_size=8, seed=seed)
+        return [torch.cat(seen[5 * e:5 * e + 5]) for e in range(3)]
+
+    first = orders(0)
+    for order in first:
+        assert sorted(order.tolist()) == list(range(40))  # every row once per epoch
+        assert not torch.equal(order, x[:, 0])           # not in file order
+    assert not torch.equal(first[0], first[1])           # reshuffled each epoch
+    assert all(torch.equal(a, b) for a, b in zip(first, orders(0)))
+    assert not torch.equal(first[0], orders(1)[0])
+
+
+def test_a_constant_feature_keeps_unit_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 1, generator=g), torch.full((300, 1), 3.0)], 1)
+    knife = KNIFE(2, 3)
+    knife.fit(x, epochs=2, seed=0)
+    assert float(knife.scale[1]) == 1.0
+    assert float(knife.loc[1]) == pytest.approx(3.0)

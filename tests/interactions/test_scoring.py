@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Subset, TensorDataset
 
 from dmil_fast.data import FeatureDataset, make_synthetic
 from dmil_fast.interactions import score_model
@@ -79,6 +80,18 @@ def test_lsmi_scores_use_the_model_pmis_and_densities(dataset):
     assert all(torch.isfinite(t).all() for t in scores)
 
 
+def _hand_fitted_entropies(out, *, components, seed):
+    """Pointwise entropies of each modality's embeddings under a KNIFE density fitted here with the
+    documented settings (3 epochs, batch 64, lr 1e-2; modality m's density seeded with seed + m - 1)."""
+    entropies = []
+    for k, key in enumerate(("embed_1", "embed_2")):
+        knife = KNIFE(out[key].shape[1], components)
+        knife.fit(out[key], epochs=3, batch_size=64, lr=1e-2, seed=seed + k)
+        with torch.no_grad():
+            entropies.append(knife(out[key]))
+    return entropies
+
+
 def test_lsmi_redundancy_comes_from_each_modalitys_own_density(dataset):
     """Against the reference fed the pointwise entropies of KNIFE densities fitted by hand with the
     fit's documented settings (modality 1's density seeded with seed, modality 2's with seed + 1),
@@ -88,12 +101,7 @@ def test_lsmi_redundancy_comes_from_each_modalitys_own_density(dataset):
     raw, _ = score_model(model, dataset, adjust=False, **kwargs)
     shifted, _ = score_model(model, dataset, **kwargs)
     out, y, _, log_prior = _reference(model, dataset)
-    entropies = []
-    for k, key in enumerate(("embed_1", "embed_2")):
-        knife = KNIFE(3, 5)
-        knife.fit(out[key], epochs=3, batch_size=64, lr=1e-2, seed=4 + k)
-        with torch.no_grad():
-            entropies.append(knife(out[key]))
+    entropies = _hand_fitted_entropies(out, components=5, seed=4)
     assert not torch.allclose(entropies[0], entropies[1], atol=1e-2)  # a swap would show
     ref = interaction_scores_ref(out["logits_1"], out["logits_2"], out["logits_12"], y, entropy_1=entropies[0],
                                  entropy_2=entropies[1], log_prior=log_prior, redundancy="lsmi")
@@ -120,3 +128,39 @@ def test_bad_arguments(dataset):
         score_model(StandIn(3, 4), dataset, redundancy="max", progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         score_model(StandIn(3, 2), dataset, redundancy="mmi", progress=False)
+
+
+def test_a_class_absent_from_the_data_counts_once_in_the_empirical_prior(dataset):
+    """The docstring's rule, by hand: prior c_y / sum(c) with the absent class's count set to 1."""
+    keep = [i for i in range(len(dataset)) if dataset.labels[i] != 3]
+    model = StandIn(3, 4)
+    scores, _ = score_model(model, Subset(dataset, keep), redundancy="mmi", adjust=False, progress=False)
+    x1, x2, y, _ = dataset.as_tensors()
+    x1, x2, y = x1[keep], x2[keep], y[keep]
+    counts = np.bincount(y.numpy(), minlength=4).astype(float)
+    assert counts[3] == 0
+    counts[3] = 1.0
+    log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+    with torch.no_grad():
+        log_p = torch.log_softmax(model.interaction_outputs(x1, x2)["logits_1"], -1).gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(scores.pmi_1, log_p - log_prior[y], rtol=1e-5, atol=1e-5)
+
+
+def test_density_components_reach_the_densities(dataset):
+    """density_components=2 (not the default 5): the redundancy equals the reference fed the
+    entropies of two-component KNIFE densities fitted by hand with the same seeds."""
+    model = StandIn(3, 4)
+    raw, _ = score_model(model, dataset, batch_size=64, density_epochs=3, density_components=2, seed=4,
+                         adjust=False, progress=False)
+    out, y, _, log_prior = _reference(model, dataset)
+    entropies = _hand_fitted_entropies(out, components=2, seed=4)
+    ref = interaction_scores_ref(out["logits_1"], out["logits_2"], out["logits_12"], y, entropy_1=entropies[0],
+                                 entropy_2=entropies[1], log_prior=log_prior, redundancy="lsmi")
+    torch.testing.assert_close(raw.redundancy, ref.redundancy, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dataset_without_row_indices_gets_its_positions(dataset):
+    x1, x2, y, _ = dataset.as_tensors()
+    _, rows = score_model(StandIn(3, 4), TensorDataset(x1, x2, y), batch_size=17, redundancy="mmi",
+                          adjust=False, progress=False)
+    np.testing.assert_array_equal(rows, np.arange(len(y)))

@@ -59,3 +59,31 @@ def test_mlp_encoder_shapes_and_depth():
     with pytest.raises(ValueError, match=r"\(B, 8\)"):
         enc(torch.randn(4, 7))
     assert math.isclose(MLPEncoder(8, dropout=0.25).dropout, 0.25)
+
+
+@pytest.mark.parametrize("cls, head_1, head_2", [(JointModel, "probe_v", "probe_a"),
+                                                  (EnsembleModel, "clf_visual_fc", "clf_audio_fc")])
+def test_interaction_outputs_keep_each_modality_in_its_slot(cls, head_1, head_2):
+    model = cls(None, None, embed_size=6, num_class=3, input_size=8).eval()
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    io = model.interaction_outputs(x1, x2)
+    e1, e2 = model.embed_v(x1), model.embed_a(x2)
+    torch.testing.assert_close(io["embed_1"], e1)
+    torch.testing.assert_close(io["embed_2"], e2)
+    torch.testing.assert_close(io["logits_1"], getattr(model, head_1)(e1))
+    torch.testing.assert_close(io["logits_2"], getattr(model, head_2)(e2))
+
+
+def test_joint_fusion_hidden_defaults_to_the_embedding_width():
+    model = JointModel(None, None, embed_size=6, num_class=3, input_size=8)
+    assert (model.fusion[0].in_features, model.fusion[0].out_features) == (12, 6)
+
+
+def test_encoder_dropout_sits_between_layers_only():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    one = MLPEncoder(8, depth=1, out_dim=5, dropout=0.5).train()
+    torch.testing.assert_close(one(x), one.eval()(x))  # one layer: nothing in between
+    two = MLPEncoder(8, hidden=16, depth=2, out_dim=5, dropout=0.5)
+    assert [type(m).__name__ for m in two.net] == ["Linear", "ReLU", "Dropout", "Linear", "ReLU"]

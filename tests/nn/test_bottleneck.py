@@ -68,3 +68,9 @@ def test_grouped_sample_equals_each_head_and_sends_gradients_to_each():
     assert all(h.fc.weight.grad is not None and h.fc.weight.grad.abs().sum() > 0 for h in heads)
     with pytest.raises(ValueError, match="heads"):
         grouped_sample(x, [heads[0], dm.VariationalBottleneck(4, 2)], sample=False)
+
+
+def test_grouped_heads_of_another_input_size_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"heads\[1\] has sizes \(5, 3\)"):
+        grouped_sample(torch.randn(2, 4), [dm.VariationalBottleneck(4, 3), dm.VariationalBottleneck(5, 3)],
+                       sample=False)

@@ -2,6 +2,8 @@
 functional ResNet18 written here from the architecture, frames folded into the batch, ImageNet
 weights (audio: conv1 averaged over RGB) and the DMIL model built on them."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,19 @@ def test_dmil_model_on_resnet18_encoders_has_official_names_and_runs():
         # embed_v of the frame-and-space average of the visual maps
         pooled = model.visual_net(visual).view(2, 2, 512, -1).mean(dim=(1, 3))
         torch.testing.assert_close(e1, model.embed_v(pooled), rtol=1e-4, atol=1e-5)
+
+
+def test_initialisation_is_the_official_backbones():
+    """Kaiming-normal convolutions (fan_out, ReLU gain: std sqrt(2 / (out * kh * kw))) and
+    BatchNorm weights N(1, 0.02) with zero biases, as the official ResNet18 initialises them."""
+    torch.manual_seed(0)
+    net = ResNet18(modality="visual")
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            ratio = float(m.weight.detach().std()) / math.sqrt(2.0 / fan_out)
+            assert abs(ratio - 1) < 0.1, (name, ratio)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    weights = torch.cat([m.weight.detach() for m in norms])
+    assert abs(float(weights.mean()) - 1.0) < 0.003 and abs(float(weights.std()) / 0.02 - 1) < 0.1
+    assert all(bool((m.bias == 0).all()) for m in norms)

@@ -592,3 +592,15 @@ def test_kernel_bad_label_gives_nan_row(backend, device):
     torch.testing.assert_close(scores[good], torch.stack(tuple(ref), 1))
     assert torch.isnan(scores[[2, 4]]).all()
     assert torch.isnan(grads[0][[2, 4]]).all() and torch.isfinite(grads[0][good]).all()
+
+
+def test_the_environment_variable_chooses_the_backend_and_an_argument_overrides_it(monkeypatch):
+    from dmil_fast.ops._dispatch import choose_backend
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "reference")
+    assert choose_backend("interaction_scores", None, cpu, torch.float32) == "reference"
+    assert choose_backend("interaction_scores", "cpp", cpu, torch.float32) == "cpp"
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="DMIL_FAST_BACKEND must be one of"):
+        choose_backend("interaction_scores", None, cpu, torch.float32)

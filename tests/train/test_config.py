@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch import nn
 
 from dmil_fast.train import DMILConfig, build_model
+from dmil_fast.train.factory import METHODS
 
 # The settings of the current official cfgs/methods/DMIL.yaml (values only).
 OFFICIAL_METHOD_YAML = """\
@@ -140,3 +142,50 @@ def test_scaled_keeps_the_stage_proportions():
     assert (one.stage1_epochs, one.stage2_epochs) == (1, 0)
     with pytest.raises(ValueError, match="epochs"):
         DMILConfig().scaled(0)
+
+
+def test_the_plateau_schedules_the_official_trainer_hard_codes():
+    """(factor, patience) of the official train.py's ReduceLROnPlateau calls: the baselines' scheduler
+    (0.1, 2), stage 1 (0.2, 2), stage 2 (0.1, 1), stage 3 (0.1, 10)."""
+    config = DMILConfig()
+    assert [config.plateau(k) for k in (0, 1, 2, 3)] == [(0.1, 2), (0.2, 2), (0.1, 1), (0.1, 10)]
+
+
+def test_the_features_preset_is_the_one_its_docstring_documents():
+    f, published = DMILConfig.for_features(), DMILConfig()
+    assert (f.stage1_lr, f.stage2_lr, f.stage3_lr, f.lr) == (4e-2, 2e-2, 5e-2, 1e-1)
+    assert (f.stage1_epochs, f.stage2_epochs, f.n_epochs - f.stage1_epochs - f.stage2_epochs) == (6, 3, 41)
+    assert (f.batch_size, f.embed_size, f.joint_fusion_hidden, f.synergy_hidden, f.encoder_depth,
+            f.stage3_plateau_patience) == (128, 64, 512, 64, 0, 4)
+    changed = {"preset", "n_epochs", "stage1_epochs", "stage2_epochs", "batch_size", "stage1_lr", "stage2_lr",
+               "stage3_lr", "lr", "embed_size", "input_size", "encoder_hidden", "encoder_depth",
+               "joint_fusion_hidden", "synergy_hidden", "stage3_plateau_patience"}
+    for name in published.to_dict():
+        if name not in changed:
+            assert getattr(f, name) == getattr(published, name), name  # everything else stays published
+
+
+def test_an_official_optimizer_file_sets_each_field(tmp_path):
+    path = tmp_path / "SGD.yaml"
+    path.write_text("optimizer:\n  _target_: torch.optim.SGD\n  lr: 0.01\n  momentum: 0.8\n  weight_decay: 5e-4\n")
+    config = DMILConfig.from_yaml(path)
+    assert (config.optimizer, config.lr, config.momentum, config.weight_decay) == ("SGD", 0.01, 0.8, 5e-4)
+
+
+def test_adam_defaults_are_torchs_and_the_official_files():
+    config = DMILConfig()
+    assert (config.adam_betas, config.adam_eps) == ((0.9, 0.999), 1e-8)
+    defaults = torch.optim.Adam([nn.Parameter(torch.zeros(1))]).defaults
+    assert (tuple(defaults["betas"]), defaults["eps"]) == (config.adam_betas, config.adam_eps)
+
+
+def test_encoder_settings_reach_the_mlp_encoders_of_every_method():
+    config = DMILConfig(embed_size=4, input_size=8, encoder_hidden=12, encoder_depth=2, encoder_dropout=0.3,
+                        joint_fusion_hidden=7)
+    for method in METHODS:
+        model = build_model(method, (5, 6), 3, config)
+        for encoder, width in ((model.visual_net, 5), (model.audio_net, 6)):
+            assert (encoder.in_dim, encoder.hidden, encoder.depth, encoder.out_dim, encoder.dropout) == \
+                (width, 12, 2, 8, 0.3)
+            assert [m.p for m in encoder.modules() if isinstance(m, nn.Dropout)] == [0.3]
+    assert build_model("joint", (5, 6), 3, config).fusion[0].out_features == 7

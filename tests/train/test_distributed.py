@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from dmil_fast.data import make_synthetic
 from dmil_fast.train import DMILConfig, Trainer, load_checkpoint
 from tests.train.toy import separable_data
-from dmil_fast.train.distributed import init_distributed, shutdown
+from dmil_fast.train.distributed import broadcast_buffers, init_distributed, shutdown
 from dmil_fast.train.sampling import eval_batches, train_batches
 
 WORLD = 2
@@ -107,6 +107,12 @@ def _worker(rank, port, out):
             with pytest.raises(_Crash):
                 _CrashAfterSaves(data, FIT_CONFIG, method="dmil", out_dir=out / name, echo=None, dist=ctx,
                                  checkpoint_every=every, crash_after=saves).fit()
+        # 4. BatchNorm buffers that differ per rank: broadcast_buffers gives every rank rank 0's.
+        norm = torch.nn.BatchNorm1d(3)
+        norm.running_mean.fill_(rank + 1.0)
+        norm.num_batches_tracked.fill_(10 * (rank + 1))
+        broadcast_buffers(norm, ctx)
+        torch.save(dict(norm.named_buffers()), out / f"buffers_{rank}.pt")
     finally:
         shutdown(ctx)
 
@@ -214,3 +220,20 @@ def test_one_process_resumes_a_two_process_run_from_an_epoch_end_only(two_ranks)
     with pytest.raises(ValueError, match=r"last\.pt: written by 2 processes in the middle of epoch 2"):
         Trainer(data, FIT_CONFIG, method="dmil", out_dir=two_ranks / "elastic_mid", echo=None,
                 checkpoint_every=2).fit(resume=True)
+
+
+def test_broadcast_buffers_gives_every_rank_rank_0s_buffers(two_ranks):
+    for rank in range(WORLD):
+        buffers = torch.load(two_ranks / f"buffers_{rank}.pt")
+        assert torch.equal(buffers["running_mean"], torch.ones(3)), rank
+        assert int(buffers["num_batches_tracked"]) == 10, rank
+
+
+def test_a_rank_outside_the_world_is_refused(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("2", "-1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(ValueError, match="do not describe"):
+            init_distributed("cpu")

@@ -11,9 +11,10 @@ import torch
 from PIL import Image  # a test dependency (pyproject "test" extra)
 
 from dmil_fast.cli import main
+from dmil_fast.data import CremaDDataset
 from dmil_fast.nn.resnet import resnet18
 from dmil_fast.train import DMILConfig
-from dmil_fast.train.media import MediaData, build_media_model, load_pretrained_encoders
+from dmil_fast.train.media import MediaData, MediaSplit, build_media_model, load_pretrained_encoders
 
 TRAIN = [("1001_DFA_ANG_XX", "ANG"), ("1002_IEO_NEU_LO", "NEU"), ("1003_ITH_SAD_XX", "SAD")]
 TEST = [("1004_TIE_HAP_XX", "HAP"), ("1005_MTI_FEA_XX", "FEA")]
@@ -109,3 +110,33 @@ def test_media_failing_to_decode_mid_epoch_names_sample_and_file(root, config_fi
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "train split" in err and "sample 2" in err and str(folder) in err and "truncated" in err
+
+
+@pytest.fixture
+def same_clips(tmp_path):
+    """Three training clips with identical frames and audio: only their augmentation can differ."""
+    (tmp_path / "AudioWAV").mkdir()
+    clips = [(f"100{k}_X_NEU_XX", "NEU") for k in range(3)]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text("".join(f"{c},{label}\n" for c, label in clips))
+    frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 48, 3), dtype=np.uint8))
+    pcm = np.round(0.3 * np.sin(np.arange(4000) / 5.0) * 32767).astype("<i2")
+    for clip, _ in clips:
+        with wave.open(str(tmp_path / "AudioWAV" / f"{clip}.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(pcm.tobytes())
+        folder = tmp_path / "Image-01-FPS" / clip
+        folder.mkdir(parents=True)
+        frame.save(folder / "00000.png")
+    return tmp_path
+
+
+def test_each_sample_draws_its_own_augmentation_whatever_its_batch(same_clips):
+    split = MediaSplit(CremaDDataset(same_clips, "train"), "train", seed=0)
+    visual = split.fetch(torch.tensor([0, 1, 2]))[0]
+    assert not torch.equal(visual[0], visual[1]) and not torch.equal(visual[1], visual[2])
+    torch.testing.assert_close(split.fetch(torch.tensor([2]))[0][0], visual[2], rtol=0, atol=0)
+    split.set_epoch(1)
+    assert not torch.equal(split.fetch(torch.tensor([0]))[0][0], visual[0])  # and a new draw each epoch

@@ -159,3 +159,16 @@ def test_sync_bn_converts_the_resnet_batchnorms_on_gpu_ranks(tmp_path):
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules()) == 2 * 20
     assert set(trainer.model.state_dict()) == plain_keys  # checkpoints keep their keys
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_split_holds_the_rows_split_npy_gives_it(tmp_path, stream):
+    n = 40
+    rng = np.random.default_rng(0)
+    split = rng.permutation(np.repeat(np.array([0, 1, 2], np.int8), [24, 9, 7]))
+    np.save(tmp_path / "modality_1.npy", rng.standard_normal((n, 3)).astype(np.float32))
+    np.save(tmp_path / "modality_2.npy", rng.standard_normal((n, 3)).astype(np.float32))
+    np.save(tmp_path / "labels.npy", rng.integers(0, 2, n))
+    np.save(tmp_path / "split.npy", split)
+    data = FeatureData.load(tmp_path, stream=stream)
+    for name, code in (("train", 0), ("val", 1), ("test", 2)):
+        np.testing.assert_array_equal(getattr(data, name).idx.numpy(), np.flatnonzero(split == code), err_msg=name)
