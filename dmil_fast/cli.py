@@ -48,15 +48,15 @@ USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Ke
 
 def _check_settings(args) -> None:
     """Settings that need no data: checked before anything is read or written."""
-    check_device(args.device, name="--device")
+    device = check_device(args.device, name="--device")
     if isinstance(args.compile, str):
         import torch
 
         known = torch.compiler.list_backends(exclude_tags=())
         if args.compile not in known:
-            raise ValueError(f"--compile must name a torch.compile backend "
-                             f"({', '.join(torch.compiler.list_backends())}), got {args.compile!r}")
-    from .nn.dmil import MODEL_BACKENDS
+            raise ValueError(f"--compile must name a torch.compile backend such as inductor, aot_eager or eager "
+                             f"(torch.compiler.list_backends(exclude_tags=()) lists them all), got {args.compile!r}")
+    from .nn.dmil import MODEL_BACKENDS, model_backend
     from .ops._dispatch import ENV_VAR
 
     env = os.environ.get(ENV_VAR)
@@ -70,6 +70,10 @@ def _check_settings(args) -> None:
         if args.backend not in MODEL_BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(MODEL_BACKENDS)} (the DMIL model's ops have "
                              f"no other kernel), got {args.backend!r}")
+    if args.method == "dmil":  # can the model's ops run there? (the Trainer checks again on the model)
+        import torch
+
+        model_backend(args.backend, device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; expected a directory (it is created if missing)")

@@ -216,7 +216,8 @@ def _refused(args, capsys, *needles):
 @pytest.mark.parametrize("extra,needles", [
     (["--device", "gpu"], ("--device must be 'auto' or a torch device", "'gpu'")),
     (["--device", "cuda:99"], ("--device 'cuda:99' is not available",)),
-    (["--compile", "no_such_backend"], ("--compile must name a torch.compile backend", "inductor")),
+    (["--compile", "no_such_backend"], ("--compile must name a torch.compile backend such as inductor, "
+                                         "aot_eager or eager",)),
     (["--backend", "cpp"], ("--backend must be one of reference, triton", "'cpp'")),
     (["--backend", "gpu"], ("--backend must be one of reference, triton", "'gpu'")),
     (["--num-frames", "4"], ("--num-frames applies to raw CREMA-D",)),
@@ -233,8 +234,9 @@ def test_bad_train_settings_are_refused_before_anything_is_written(tiny, tmp_pat
 def test_train_refuses_an_out_path_that_is_a_file_and_a_baseline_backend(tiny, tmp_path, capsys):
     afile = tmp_path / "taken"
     afile.write_text("keep me")
-    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(afile)], capsys,
-             f"--out {afile} is a file")
+    for command in (["train", "--data", str(tiny), "--method", "dmil"], ["score", "--data", str(tiny)],
+                    ["demo", "--tiny"]):
+        _refused([*command, "--out", str(afile)], capsys, f"--out {afile} is a file")
     assert afile.read_text() == "keep me"
     _refused(["train", "--data", str(tiny), "--method", "joint", "--out", str(tmp_path / "o"),
               "--backend", "triton"], capsys, "--backend applies to the DMIL model", "joint")
@@ -244,10 +246,12 @@ def test_an_ops_backend_that_cannot_run_here_is_refused_before_the_first_step(ti
                                                                               capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton cannot run CPU tensors without it
     out = tmp_path / "o"
+    loaded = []
+    monkeypatch.setattr("dmil_fast.cli._load_data", lambda *a: loaded.append(a))
     _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(out), "--epochs", "1",
               "--config", str(small_config), "--device", "cpu", "--backend", "triton", "--no-progress"],
              capsys, "backend 'triton' cannot run", "TRITON_INTERPRET=1 is not set")
-    assert not (out / "log.csv").exists()
+    assert not loaded and not out.exists()  # refused before the data is read
     monkeypatch.setenv("DMIL_FAST_BACKEND", "cpp")
     _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(out), "--epochs", "1"],
              capsys, "DMIL_FAST_BACKEND='cpp'")
@@ -257,7 +261,12 @@ def test_a_config_inconsistent_with_the_preset_says_which_values_came_from_it(ti
     cfg = tmp_path / "long.yaml"
     cfg.write_text("stage1_epochs: 60\n")
     _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path / "o"), "--config", str(cfg),
-              "--epochs", "4"], capsys, "long.yaml", "stage1_epochs (60)", "n_epochs", "preset's value")
+              "--epochs", "4"], capsys, "long.yaml", "stage1_epochs (60)", "(n_epochs not in the file: the "
+              "'features' preset's value)")
+    cfg.write_text("n_epochs: 0\n")  # an error of the file's own value: no hint about the preset
+    code = main(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path / "o"), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert code == 2 and "n_epochs must be a positive int" in err and "preset's value" not in err
 
 
 @pytest.mark.parametrize("extra,needles", [
@@ -328,10 +337,14 @@ def test_in_memory_and_stream_flags_reach_the_data(tiny, tmp_path, monkeypatch):
             return {"test_accuracy": 0.5, "syn": 0.0, "per_type_accuracy": {}}
 
     monkeypatch.setattr(train_module, "Trainer", Recording)
-    for flags, expected in ((["--in-memory"], False), (["--stream"], True), ([], False)):  # tiny: in memory
-        assert main(["train", "--data", str(tiny), "--method", "joint", "--epochs", "1", "--out", str(tmp_path),
-                     "--no-progress", "--quiet", *flags]) == 0
-        assert seen["stream"] is expected, flags
+    import dmil_fast.train.data as data_module
+
+    for threshold, default in ((2 << 30, False), (0, True)):  # the tiny set under / over the threshold
+        monkeypatch.setattr(data_module, "STREAM_THRESHOLD_BYTES", threshold)
+        for flags, expected in ((["--in-memory"], False), (["--stream"], True), ([], default)):
+            assert main(["train", "--data", str(tiny), "--method", "joint", "--epochs", "1", "--out",
+                         str(tmp_path), "--no-progress", "--quiet", *flags]) == 0
+            assert seen["stream"] is expected, (threshold, flags)
 
 
 def test_demo_seed_reaches_the_data_and_the_thread_count_is_restored(tmp_path):
@@ -349,3 +362,20 @@ def test_demo_seed_reaches_the_data_and_the_thread_count_is_restored(tmp_path):
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "data" / "meta.json").read_text())["params"]["seed"] == 3
     assert json.loads((tmp_path / "dmil" / "metrics.json").read_text())["seed"] == 3
+
+
+def test_score_model_refusals_name_the_real_problem(tiny, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import dmil_fast as dm
+
+    four = dm.DMILModel(None, None, embed_size=8, num_class=4, input_size=8, stage=3)
+    torch.save(four.state_dict(), tmp_path / "four.pt")
+    _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "four.pt"), "--out", str(tmp_path / "a")],
+             capsys, "predicts 4 classes", "has 3")
+    three = dm.DMILModel(None, None, embed_size=8, num_class=3, input_size=8, stage=3)
+    torch.save(three.state_dict(), tmp_path / "three.pt")
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "three.pt"), "--out", str(tmp_path / "b"),
+              "--device", "cpu"], capsys, "backend 'triton' cannot run")

@@ -20,7 +20,7 @@ def test_a_gpu_past_the_last_one_or_absent_is_refused_naming_the_argument():
         check_device("cuda:99", name="--device")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device 'cuda' is not available: (this torch was built without "
-                                             r"CUDA|no CUDA GPU is visible)"):
+                                             r"CUDA|no GPU is visible)"):
             check_device("cuda")
     else:
         assert check_device("cuda").type == "cuda"
@@ -29,8 +29,16 @@ def test_a_gpu_past_the_last_one_or_absent_is_refused_naming_the_argument():
 @pytest.mark.parametrize("given,error,match", [
     ("gpu", ValueError, "device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'gpu'"),
     ("", ValueError, "device must be 'auto' or a torch device"),
-    (0.5, TypeError, "device must be a str or a torch.device, got float"),
+    (0.5, TypeError, "device must be a str, a torch.device or a GPU ordinal, got float"),
+    (-1, ValueError, "device must be a GPU ordinal >= 0, got -1"),
 ])
 def test_what_is_not_a_device(given, error, match):
     with pytest.raises(error, match=match):
         check_device(given)
+
+
+def test_an_int_is_a_gpu_ordinal_as_torch_takes_it():
+    if torch.cuda.is_available():
+        assert check_device(0) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"device 'cuda:99' is not available"):
+        check_device(99)

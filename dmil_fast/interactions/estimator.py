@@ -90,16 +90,20 @@ def _resolve_device(device) -> torch.device:
 
 
 def _positive_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """``value`` (a Python or NumPy integer) as an int >= ``low``; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _real(name: str, value, *, low: float, low_ok: bool) -> float:
-    """``value`` as a float, > ``low`` (>= with ``low_ok``); a ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) \
+    """``value`` (a Python or NumPy number, or a 0-d floating tensor) as a finite float > ``low``
+    (>= with ``low_ok``); a ValueError naming ``name`` otherwise."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype.is_floating_point:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or not (value >= low if low_ok else value > low):
-        raise ValueError(f"{name} must be a number {'>=' if low_ok else '>'} {low:g}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {'>=' if low_ok else '>'} {low:g}, got {value!r}")
     return float(value)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .._device import check_device
-from ..ops import InteractionScores
+from ..ops import BackendUnavailableError, InteractionScores
 
 DEFAULT_TYPE_NAMES = ("redundancy", "unique_1", "unique_2", "synergy")
 SPLIT_NAMES = ("train", "val", "test")
@@ -269,13 +269,16 @@ def _load_checked_model(path: str, dims, device: torch.device):
         raise ValueError(f"checkpoint {path} was trained on feature dims {tuple(spec['dims'])}, "
                          f"but the data has dims {tuple(dims)}")
     try:
-        return load_model(path).to(device).eval()
+        model = load_model(path).to(device).eval()
     except ValueError as exc:
         if spec is not None:
             raise
         raise ValueError(f"{exc}. {path} records no architecture (an official checkpoint or a plain "
                          "state_dict), so it was rebuilt as the official stage-3 DMIL model; a model of "
                          "another architecture is scored from the checkpoint dmil-fast train wrote") from None
+    if hasattr(model, "check_backend"):  # its ops can run here (DMIL_FAST_BACKEND, device), before any data
+        model.check_backend(device)
+    return model
 
 
 def main(args) -> int:
@@ -318,10 +321,16 @@ def _score_and_report(args, *, epochs, batch_size: int, seed: int, device: torch
         try:
             first = data[0]
             with torch.no_grad():
-                model.interaction_outputs(first[0][None].to(device), first[1][None].to(device))
+                probe = model.interaction_outputs(first[0][None].to(device), first[1][None].to(device))
+        except BackendUnavailableError:
+            raise
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {args.model} does not accept the features of {args.data} "
                              f"(dims {data.dims}): {exc}") from None
+        classes = probe["logits_12"].shape[1]
+        if classes != data.num_classes:
+            raise ValueError(f"checkpoint {args.model} predicts {classes} classes, but {args.data} has "
+                             f"{data.num_classes}")
         scores, indices = score_model(model, data, batch_size=batch_size, density_epochs=epochs or 20,
                                       redundancy=args.redundancy, seed=seed, device=device, progress=progress)
     else:

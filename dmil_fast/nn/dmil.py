@@ -35,6 +35,15 @@ MODEL_OPS = ("variational_bottleneck", "diagonal_gaussian_kl")
 MODEL_BACKENDS = ("reference", "triton")
 
 
+def model_backend(backend: Optional[str], device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend the model's ops run for ``dtype`` inputs on ``device`` when asked for ``backend``
+    (``None``: ``DMIL_FAST_BACKEND``, else the automatic choice). Raises
+    :class:`dmil_fast.ops.BackendUnavailableError`, with every backend's reason, when none can."""
+    device = torch.device(device)
+    chosen = {choose_backend(name, backend, device, dtype) for name in MODEL_OPS}
+    return chosen.pop() if len(chosen) == 1 else "/".join(sorted(chosen))
+
+
 class CrossModality(nn.Module):
     """Synergy latent from [x1, x2, x1 * x2] (x1, x2: (B, E)) -> (B, E).
 
@@ -371,11 +380,7 @@ class DMILModel(nn.Module):
         can refuse before its first step."""
         if self._reference:
             return "reference"
-        if device is None:
-            device = next(self.parameters()).device
-        device = torch.device(device)
-        chosen = {choose_backend(name, self._op_backend, device, dtype) for name in MODEL_OPS}
-        return chosen.pop() if len(chosen) == 1 else "/".join(sorted(chosen))
+        return model_backend(self._op_backend, next(self.parameters()).device if device is None else device, dtype)
 
     def _recomputes(self, x: Tensor) -> bool:
         """Whether the heads' op will rebuild its projections in the backward for inputs like x:

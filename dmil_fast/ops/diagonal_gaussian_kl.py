@@ -114,7 +114,8 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
         q_mu, q_logvar: (..., E), same shape, dtype and device (float16/float32/float64 on CPU and
             float16/bfloat16/float32 on CUDA for the Triton backend; any float for the reference).
         p_mu, p_logvar: a number, or a tensor of q's dtype and device broadcastable to (..., E)
-            (e.g. (E,) or (1, E)); their gradients come back in their own shapes.
+            (e.g. (E,) or (1, E)); their gradients come back in their own shapes. Under
+            torch.compile give a Python number or a tensor (dynamo turns a NumPy scalar into an array).
         reduction: "mean" over every element, "sum" over every element, or "none": (...,) one
             value per row, the mean over the last dimension.
         backend: None (automatic), "reference" or "triton" ("cpp"/"cuda": no kernel).

@@ -344,10 +344,14 @@ class DMILConfig:
         try:
             return cls.from_preset(preset, **values)
         except ValueError as exc:
-            unset = sorted({"n_epochs", "stage1_epochs", "stage2_epochs"} - set(values))
-            hint = (f" ({', '.join(unset)} not in the file: the {preset!r} preset's value)"
-                    if unset and "epochs" in str(exc) else "")
-            raise ValueError(f"{path}: {exc}{hint}") from None
+            message = str(exc)
+            hint = ""
+            if "is shorter than" in message or "must cover" in message:  # the stage schedule does not fit
+                unset = [k for k in ("n_epochs", "stage1_epochs", "stage2_epochs")
+                         if k not in values and k in message]
+                if unset:
+                    hint = f" ({', '.join(unset)} not in the file: the {preset!r} preset's value)"
+            raise ValueError(f"{path}: {message}{hint}") from None
 
 
 def _flatten_official(raw: Dict[str, Any], path: Path) -> Dict[str, Any]:

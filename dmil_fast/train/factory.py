@@ -38,12 +38,10 @@ def build_model(method: str, dims: Optional[Tuple[int, int]], num_classes: int, 
     ``encoders``: prebuilt (enc_1, enc_2) modules (a ResNet18 pair, a pretrained network of your
     own) that map each modality's input to ``config.input_size`` features, used in place of the
     config's MLP encoders; ``dims`` is then unused and may be None.
+    ``backend``: the ops backend of the DMIL model; the baselines have no fused ops and ignore it.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if backend is not None and method != "dmil":
-        raise ValueError(f"backend applies to the DMIL model's fused ops; the {method} baseline runs plain "
-                         f"PyTorch layers (got backend {backend!r} with method {method!r})")
     if encoders is None:
         if dims is None:
             raise ValueError("dims (D1, D2) is needed unless encoders are given")

@@ -86,14 +86,21 @@ def _check_outputs(outputs: Mapping, labels: Tensor, keys: Tuple[str, ...], need
     missing = [k for k in keys if k not in outputs]
     if missing:
         raise KeyError(f"outputs lack {', '.join(map(repr, missing))}, which {needed_by} needs; {hint}")
-    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
-            or labels.dtype == torch.bool:
+    logits = outputs["out"]
+    if isinstance(labels, Tensor) and labels.dtype.is_floating_point:  # class probabilities, as F.cross_entropy
+        if labels.shape != logits.shape:
+            raise ValueError(f"class-probability labels must have the shape of outputs['out'] "
+                             f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+        return
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.uint8):
         kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
-        raise TypeError(f"labels must be a tensor of int64 class indices, got {kind}")
-    rows = outputs["out"].shape[0]
-    if labels.shape != (rows,):
-        raise ValueError(f"labels must have shape ({rows},) (one class index per row of outputs['out']), "
-                         f"got {tuple(labels.shape)}")
+        hint = "; convert them with labels.long()" if isinstance(labels, Tensor) and not (
+            labels.dtype.is_complex or labels.dtype == torch.bool) else ""
+        raise TypeError(f"labels must be int64 (or uint8) class indices, or float class probabilities "
+                        f"(as F.cross_entropy takes), got {kind}{hint}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must have shape ({logits.shape[0]},) (one class index per row of "
+                         f"outputs['out']), got {tuple(labels.shape)}")
 
 
 def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:

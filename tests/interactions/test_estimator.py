@@ -219,6 +219,13 @@ def test_bad_inputs_name_the_argument(small_fitted, case, error, match):
             LSMIEstimator(2, epochs=1, progress=False).fit(x1, x2, y)
 
 
+def test_numpy_numbers_and_0d_tensors_are_numbers():
+    est = LSMIEstimator(2, seed=np.int64(3), num_workers=np.int32(0), epochs=np.int64(2), lr=np.float32(0.5),
+                        weight_decay=torch.tensor(0.25), progress=False)
+    assert (est.seed, est.num_workers, est.epochs, est.lr, est.weight_decay) == (3, 0, 2, 0.5, 0.25)
+    assert all(type(v) in (int, float) for v in (est.seed, est.num_workers, est.epochs, est.lr, est.weight_decay))
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="num_classes"):
         LSMIEstimator(1)
@@ -228,9 +235,11 @@ def test_bad_settings():
         LSMIEstimator(2, prior="flat")
     with pytest.raises(ValueError, match="epochs"):
         LSMIEstimator(2, epochs=0)
-    for name, value, match in (("lr", "1e-3", "lr must be a number > 0"), ("lr", 0.0, "lr must be a number > 0"),
-                               ("density_lr", float("nan"), "density_lr must be a number > 0"),
-                               ("weight_decay", -1.0, "weight_decay must be a number >= 0"),
+    for name, value, match in (("lr", "1e-3", "lr must be a finite number > 0"),
+                               ("lr", 0.0, "lr must be a finite number > 0"),
+                               ("lr", float("inf"), "lr must be a finite number > 0"),
+                               ("density_lr", float("nan"), "density_lr must be a finite number > 0"),
+                               ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
                                ("val_fraction", 1.0, r"val_fraction must be in \[0, 1\)"),
                                ("seed", 1.7, "seed must be an int >= 0"), ("seed", -2, "seed must be an int >= 0"),
                                ("num_workers", -1, "num_workers must be an int >= 0"),

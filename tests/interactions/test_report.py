@@ -117,3 +117,44 @@ def test_score_command_with_checkpoint(tmp_path):
     assert len((tmp_path / "out" / "interactions.csv").read_text().splitlines()) == 121
     with pytest.raises(ValueError, match="other.pt"):
         report.main(_args(data, tmp_path / "out2", model=tmp_path / "other.pt", epochs=2))
+
+
+def test_values_that_round_to_zero_are_written_without_a_sign(tmp_path):
+    values = [[-1e-9, -4e-7, 2e-7, -0.25], [0.0, -0.0, 1.0, -6e-7]]
+    report.write_report(_scores(values), tmp_path, indices=np.arange(2), labels=np.zeros(2, dtype=int),
+                        adjusted=False)
+    with open(tmp_path / "interactions.csv") as f:
+        rows = [[r[k] for k in ("r", "u1", "u2", "s")] for r in csv.DictReader(f)]
+    assert rows == [["0.000000", "0.000000", "0.000000", "-0.250000"],
+                    ["0.000000", "0.000000", "1.000000", "-0.000001"]]
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("batch_size", 0, "--batch-size must be an int >= 1, got 0"),
+    ("seed", -1, "--seed must be an int >= 0, got -1"),
+    ("threads", 0, "--threads must be an int >= 1, got 0"),
+    ("epochs", 0, "--epochs must be an int >= 1, got 0"),
+    ("device", "gpu", "--device must be 'auto' or a torch device"),
+])
+def test_the_score_entry_point_checks_its_own_settings(tmp_path, flag, value, message):
+    """report.main is public: a Namespace that skipped the command line's checks is still refused."""
+    args = _args(tmp_path / "not_read", tmp_path / "out")
+    setattr(args, flag, value)
+    with pytest.raises(ValueError, match=message):
+        report.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_refuses_an_out_file_and_sets_then_restores_the_threads(tmp_path, monkeypatch):
+    data = make_synthetic(tmp_path / "syn", n=60, dim=4, num_classes=3, seed=0)
+    afile = tmp_path / "taken"
+    afile.write_text("keep me")
+    with pytest.raises(NotADirectoryError, match=f"--out {afile} is a file"):
+        report.main(_args(data, afile))
+    assert afile.read_text() == "keep me"
+    seen = []
+    monkeypatch.setattr(report, "_score_and_report", lambda args, **kw: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    assert report.main(_args(data, tmp_path / "out", threads=other)) == 0
+    assert seen == [other] and torch.get_num_threads() == before

@@ -189,3 +189,12 @@ def test_encoder_settings_reach_the_mlp_encoders_of_every_method():
                 (width, 12, 2, 8, 0.3)
             assert [m.p for m in encoder.modules() if isinstance(m, nn.Dropout)] == [0.3]
     assert build_model("joint", (5, 6), 3, config).fusion[0].out_features == 7
+
+
+def test_a_backend_given_for_a_baseline_is_ignored_as_documented():
+    """The baselines have no fused ops; load_model and the Trainer pass a backend whatever the method."""
+    from dmil_fast.nn import EnsembleModel, JointModel
+
+    config = DMILConfig(embed_size=4, input_size=8, encoder_hidden=12, joint_fusion_hidden=7)
+    assert isinstance(build_model("joint", (5, 6), 3, config, backend="reference"), JointModel)
+    assert isinstance(build_model("ensemble", (5, 6), 3, config, backend="triton"), EnsembleModel)

@@ -131,7 +131,10 @@ def test_bad_stage_or_missing_output():
     stage1 = {k: _outputs(1)[k] for k in ("out", "v_out", "a_out", "loss_IB", "loss_rec_input")}
     with pytest.raises(KeyError, match=r"'loss_red', 'loss_inter'.*stage-2 objective.*configure_stage\(2\)"):
         dmil_loss(stage1, LABELS, stage=2, config=DMILConfig())  # a stage-1 model's outputs
-    with pytest.raises(TypeError, match="labels must be a tensor of int64 class indices, got torch.float32"):
+    with pytest.raises(TypeError, match=r"labels must be int64 \(or uint8\) class indices.*got torch.int32; "
+                                        r"convert them with labels.long\(\)"):
+        dmil_loss(_outputs(1), LABELS.int(), stage=1, config=DMILConfig())
+    with pytest.raises(ValueError, match="class-probability labels must have the shape of outputs"):
         dmil_loss(_outputs(1), LABELS.float(), stage=1, config=DMILConfig())
     with pytest.raises(ValueError, match=rf"labels must have shape \({LABELS.shape[0]},\)"):
         dmil_loss(_outputs(1), LABELS[:-1], stage=1, config=DMILConfig())
@@ -162,3 +165,17 @@ def test_default_cross_entropy_gives_f_cross_entropys_loss_and_gradients_bit_for
         if ga is not None:
             assert torch.equal(ga, gb), name
     assert any(g is not None and g.abs().max() > 0 for g in results[1][1])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_class_probability_labels_are_passed_to_the_cross_entropy(stage):
+    """Soft targets, as F.cross_entropy takes them: each CE term equals F.cross_entropy of its
+    logits against the same probabilities."""
+    soft = torch.softmax(torch.randn(LABELS.shape[0], OUT.shape[1], generator=torch.Generator().manual_seed(2)), -1)
+    _, parts = dmil_loss(_outputs(stage), soft, stage=stage, config=DMILConfig())
+    named = {"ce_out": OUT, "ce_v": V, "ce_a": A, "ce_synergy": SYN, "ce_red": RED, "ce_unique_1": UNI_1,
+             "ce_unique_2": UNI_2}
+    checked = [k for k in named if k in parts]
+    assert len(checked) == {1: 3, 2: 5, 3: 7}[stage]
+    for key in checked:
+        torch.testing.assert_close(parts[key], F.cross_entropy(named[key], soft), msg=key)
