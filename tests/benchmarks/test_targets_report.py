@@ -92,3 +92,49 @@ def test_command_line_prints_the_table(tmp_path, capsys):
 def test_command_line_names_an_unreadable_file(tmp_path, capsys):
     assert bench_targets.main([str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_every_target_has_the_goal_of_the_issue():
+    """The goals of the issue "Benchmarks" (bench_targets' docstring), read off the placeholder
+    rows of an empty run: each (target, baseline) once."""
+    goals = {(r.target, r.case.split(" vs ")[-1] if " vs " in r.case else "", r.higher): r.goal
+             for r in bench_targets.target_rows([])}
+    assert goals == {
+        ("memory-bound kernels, fraction of copy bandwidth", "", True): 0.85,
+        ("VB epilogue fwd+bwd", "reference", True): 3.0,
+        ("VB epilogue fwd+bwd", "compile", True): 1.25,
+        ("interaction scoring (GPU)", "reference", True): 5.0,
+        ("interaction scoring (GPU)", "compile", True): 1.5,
+        ("DMIL training step", "reference", True): 2.0,
+        ("DMIL training step", "compile", True): 1.3,
+        ("DMIL step activation memory vs eager", "", False): 0.6,
+        ("CPU C++ scoring", "reference", True): 3.0,
+    }
+
+
+def test_the_triton_scoring_kernel_is_judged_like_the_cuda_one():
+    """interaction_scores has two fused GPU providers (cuda, triton): both get a bandwidth row and
+    speed-up rows (4e-3 / 1e-3 = 4x eager, 2e-3 / 1e-3 = 2x compile)."""
+    payload = {"benchmarks": [
+        _record("interaction_scores", "fwd", p, "B=1048576 C=309", "cuda", med, fraction_of_copy_bw=bw)
+        for p, med, bw in (("reference", 4e-3, 0.1), ("compile", 2e-3, 0.3), ("cuda", 1e-3, 0.9),
+                           ("triton", 1e-3, 0.8))]}
+    rows = bench_targets.target_rows(bench_targets.read_results(payload))
+    bandwidth = [r for r in rows if r.target.startswith("memory-bound") and "interaction" in r.case]
+    assert sorted((r.case.rsplit(": ", 1)[1], r.measured) for r in bandwidth) == [("cuda", 0.9), ("triton", 0.8)]
+    triton = [r for r in rows if r.target == "interaction scoring (GPU)" and ": triton vs" in r.case]
+    assert sorted((r.case.rsplit(" vs ", 1)[1], r.measured) for r in triton) == [("compile", 2.0), ("reference", 4.0)]
+
+
+def test_the_summary_line_counts_met_and_unmeasured_rows():
+    """Judged on _payload(): measured rows cpu fwd (met), cpu fwd+bwd (not met), bandwidth 90% (met),
+    DMIL step vs eager and vs compile (met), activation memory (met): 5 of 6; the unmeasured ones
+    are the placeholders of VB (2), GPU scoring (2) and the bandwidth of two ops (2): 6. (Two sets
+    of rows, since 6 and 6 alone would not tell the two counts apart.)"""
+    measured = [r for r in _rows() if r.measured is not None]
+    text = bench_targets.markdown(bench_targets.with_unmeasured(measured), ["run.json"])
+    assert text.splitlines()[-1] == "5 of 6 measured cases meet their goal; 6 not measured."
+    # without the two CPU rows: 4 of 4 met, and the CPU target's placeholder makes 7 unmeasured
+    gpu_only = [r for r in measured if r.target != "CPU C++ scoring"]
+    text = bench_targets.markdown(bench_targets.with_unmeasured(gpu_only), ["run.json"])
+    assert text.splitlines()[-1] == "4 of 4 measured cases meet their goal; 7 not measured."

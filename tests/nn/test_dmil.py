@@ -8,7 +8,9 @@ from torch import nn
 
 import dmil_fast as dm
 from dmil_fast.nn import STAGE1_MODULES
+from dmil_fast.nn.decomposition import first_level
 from dmil_fast.reference import ReferenceDMILModel
+from dmil_fast.reference.model import average_pool
 from dmil_fast.train import DMILConfig, dmil_loss
 from tests.conftest import triton_device
 
@@ -465,3 +467,101 @@ def test_compiled_fused_model_trains_as_the_eager_one(stage):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
     for got, expected in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _FrameMaps(nn.Module):
+    """(B, D) -> (B*T, D, H, W): frame t of sample b at row b*T + t, equal to x_b * (1 + k) at
+    position k of the (T, H, W) grid, so that the mean over (T, H, W) is x_b * FRAME_FACTOR."""
+
+    T, H, W = 3, 2, 4
+
+    def forward(self, x):
+        b = x.shape[0]
+        k = torch.arange(self.T * self.H * self.W, dtype=x.dtype).reshape(1, self.T, 1, self.H, self.W)
+        return (x.reshape(b, 1, D, 1, 1) * (1 + k)).reshape(b * self.T, D, self.H, self.W)
+
+
+FRAME_FACTOR = sum(1 + k for k in range(3 * 2 * 4)) / (3 * 2 * 4)
+
+
+def test_reference_model_averages_each_samples_own_frames():
+    """The oracle's pooling, by hand: sample b's frames are rows [b*T, (b+1)*T) (the official
+    normal_reshape), averaged over (T, H, W)."""
+    x1, x2 = _inputs()
+    torch.testing.assert_close(average_pool(_FrameMaps()(x1), B), x1 * FRAME_FACTOR)
+    torch.testing.assert_close(average_pool(x1, B), x1)  # (B, D) passes through
+    torch.manual_seed(0)
+    maps = ReferenceDMILModel(_FrameMaps(), _FrameMaps(), embed_size=E, num_class=C, input_size=D).eval()
+    flat = ReferenceDMILModel(None, None, embed_size=E, num_class=C, input_size=D).eval()
+    flat.load_state_dict(maps.state_dict(), strict=True)
+    with torch.no_grad():
+        got, expected = maps(x1, x2), flat(x1 * FRAME_FACTOR, x2 * FRAME_FACTOR)
+    for key in ("v_out", "a_out", "out"):
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_first_level_ir_only_gives_the_tr_means_even_when_sampling(reference):
+    """Stage 2's draw order "ir_only": z_tr (and the first half of z_cat) is the tr head's mean,
+    by hand the first E columns of its Linear; only the ir head is sampled."""
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D)
+    heads = (model.IB_m1_tr, model.IB_m1_ir)
+    x = torch.randn(B, E)
+    with torch.no_grad():
+        (pair,) = first_level([(x, heads)], sample=True, reference=reference, draw="ir_only")
+        mu_tr, mu_ir = _lin(heads[0].fc, x)[:, :E], _lin(heads[1].fc, x)[:, :E]
+    torch.testing.assert_close(pair.z_tr, mu_tr)
+    torch.testing.assert_close(pair.z_cat[:, :E], mu_tr)
+    torch.testing.assert_close(pair.z_cat[:, E:], pair.z_ir)
+    assert not torch.allclose(pair.z_ir, mu_ir)  # the ir head was sampled
+
+
+# The official model's stage-1 modules (its configure_stage freezes exactly these in stage 2),
+# written out here rather than taken from dmil_fast.nn.STAGE1_MODULES.
+OFFICIAL_STAGE1 = {"visual_net", "audio_net", "embed_v", "embed_a", "IB_m1_tr", "IB_m1_ir", "IB_m2_tr",
+                   "IB_m2_ir", "recon_1", "recon_2", "tr1_fc", "tr2_fc"}
+
+
+class _Linear(nn.Module):  # an encoder with parameters, so that its freezing shows
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_reference_model_freezes_exactly_the_official_stage1_modules_in_stage2():
+    ref = ReferenceDMILModel(_Linear(), _Linear(), embed_size=E, num_class=C, input_size=D).train()
+    ref.configure_stage(2)
+    for name, module in ref.named_children():
+        params = list(module.parameters())
+        assert params, name
+        frozen = name in OFFICIAL_STAGE1
+        assert all(p.requires_grad is not frozen for p in params), name
+        assert module.training is not frozen, name
+    ref.configure_stage(3)
+    assert all(p.requires_grad for p in ref.parameters())
+
+
+def test_reference_model_fuses_the_four_parts_with_the_gate_in_the_official_order():
+    """Stage-3 eval forward of the oracle, by hand: means everywhere, the gate on [u1, u2, r, s],
+    out = g0 * unique1_fc(u1) + g1 * unique2_fc(u2) + g2 * red_fc(r) + g3 * synergy_fc(s)."""
+    torch.manual_seed(0)
+    ref = ReferenceDMILModel(None, None, embed_size=E, num_class=C, input_size=D, stage=3).eval()
+    x1, x2 = _inputs()
+    with torch.no_grad():
+        out = ref(x1, x2)
+        mean = lambda head, x: _lin(getattr(ref, head).fc, x)[:, :E]  # noqa: E731
+        e1, e2 = _lin(ref.embed_v, x1), _lin(ref.embed_a, x2)
+        m1, m2 = mean("IB_m1_tr", e1), mean("IB_m2_tr", e2)
+        ir1, ir2 = mean("IB_m1_ir", e1), mean("IB_m2_ir", e2)
+        r, u1, u2 = mean("IB_redundancy", torch.cat((m1, m2), 1)), mean("IB_m1_unique", m1), mean("IB_m2_unique", m2)
+        s = _lin(ref.cross_modality.fc_out, torch.cat((ir1, ir2, ir1 * ir2), 1))
+        gate = ref.gating_network
+        g = torch.softmax(_lin(gate[2], torch.relu(_lin(gate[0], torch.cat((u1, u2, r, s), 1)))), 1)
+        fused = (g[:, 0:1] * _lin(ref.unique1_fc, u1) + g[:, 1:2] * _lin(ref.unique2_fc, u2)
+                 + g[:, 2:3] * _lin(ref.red_fc, r) + g[:, 3:4] * _lin(ref.synergy_fc, s))
+    torch.testing.assert_close(out["gate_weights"], g)
+    torch.testing.assert_close(out["out"], fused)
+    assert not torch.allclose(g[:, 0], g[:, 1])  # the gate tells u1 from u2 here

@@ -605,3 +605,23 @@ def test_the_environment_variable_chooses_the_backend_and_an_argument_overrides_
     monkeypatch.setenv("DMIL_FAST_BACKEND", "bogus")
     with pytest.raises(ValueError, match="DMIL_FAST_BACKEND must be one of"):
         choose_backend("interaction_scores", None, cpu, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_hand_computed_lsmi_where_the_second_modality_has_the_lower_entropy(backend, device):
+    """The case of test_hand_computed_two_classes with the entropies swapped (h1 = 2, h2 = 1), so
+    that each min of r = min(h1, h2) - min(h1 - i1, h2 - i2) takes its second argument:
+    i1 = ln 1.5, i2 = 0, i12 = ln 1.75 -> r = min(2, 1) - min(2 - ln 1.5, 1 - 0) = 1 - 1 = 0,
+    u1 = ln 1.5, u2 = 0, s = ln 1.75 - ln 1.5 = ln(7/6)."""
+    require(backend, device, torch.float64)
+    opts = dict(device=device, dtype=torch.float64)
+    l1 = torch.tensor([[math.log(3.0), 0.0]], **opts)
+    l2 = torch.zeros(1, 2, **opts)
+    l12 = torch.tensor([[math.log(7.0), 0.0]], **opts)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    h1, h2 = torch.full((1,), 2.0, **opts), torch.ones(1, **opts)
+    a = math.log(1.5)
+    expect = [a, 0.0, math.log(1.75), 0.0, a, 0.0, math.log(7 / 6)]
+    for out in (dm.ops.interaction_scores(l1, l2, l12, y, entropy_1=h1, entropy_2=h2, backend=backend),
+                interaction_scores_ref(l1, l2, l12, y, entropy_1=h1, entropy_2=h2)):
+        assert torch.stack(tuple(out), 1)[0].tolist() == pytest.approx(expect, abs=1e-12)

@@ -54,3 +54,29 @@ def test_prediction_metrics_by_hand():
     assert m["per_type_accuracy"]["red"] == 1.0 and m["per_type_accuracy"]["syn"] == 0.5
     m2 = prediction_metrics(onehot([1]), onehot([2]), onehot([0]), torch.tensor([0]), class_names=["a", "b", "c"])
     assert m2["syn"] == 1.0 and m2["per_type_accuracy"] == {} and m2["per_class_accuracy"]["b"] is None
+
+
+def _onehot(pred, c=3):
+    return torch.nn.functional.one_hot(torch.tensor(pred), c).float()
+
+
+def test_per_class_accuracy_is_the_multimodal_prediction_by_hand():
+    """Per class, the fraction of that class's samples the multimodal logits get right; the unimodal
+    predictions are chosen to give other per-class numbers (m1 all right, m2 all wrong)."""
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    m = prediction_metrics(_onehot([0, 0, 1, 1, 2, 2]), _onehot([1, 1, 0, 0, 0, 0]),
+                           _onehot([0, 1, 1, 1, 0, 2]), labels, class_names=["a", "b", "c"])
+    assert m["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.5}
+    assert m["accuracy"] == 4 / 6 and m["accuracy_1"] == 1.0 and m["accuracy_2"] == 0.0
+
+
+def test_per_type_accuracy_without_type_names_names_every_code_up_to_the_largest():
+    # m12 right on samples 0 and 3; codes 0, 2, 2, 1 -> "0": 1/1, "1": 1/1, "2": 0/2
+    labels = torch.tensor([0, 1, 2, 1])
+    m = prediction_metrics(_onehot([0, 0, 0, 0]), _onehot([0, 0, 0, 0]), _onehot([0, 2, 1, 1]), labels,
+                           class_names=["a", "b", "c"], types=np.array([0, 2, 2, 1]))
+    assert m["per_type_accuracy"] == {"0": 1.0, "1": 1.0, "2": 0.0}
+    # a code that no sample has gets None (JSON has no NaN)
+    m = prediction_metrics(_onehot([0]), _onehot([0]), _onehot([0]), torch.tensor([0]),
+                           class_names=["a", "b", "c"], types=np.array([2]))
+    assert m["per_type_accuracy"] == {"0": None, "1": None, "2": 1.0}

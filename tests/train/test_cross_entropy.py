@@ -144,3 +144,17 @@ def test_torch_func_grad_and_vmap_equal_f_cross_entropys():
     batch = torch.randn(3, 6, 5)
     assert _same(torch.vmap(lambda t: cross_entropy(t, labels))(batch),
                  torch.vmap(lambda t: F.cross_entropy(t, labels))(batch))
+
+
+def test_uint8_labels_take_the_lean_path_too():
+    """uint8 labels (which F.cross_entropy takes) keep no (B, C) log-softmax either: every saved
+    storage besides the logits is smaller than them (the labels as int64, the 0-d count)."""
+    logits, labels = _case(8, 5, torch.float32, 1.0, 0.0, 9)
+    labels = labels.clamp(min=0).to(torch.uint8)
+    ptr = logits.untyped_storage().data_ptr()
+    saved, loss = saved_storages(lambda: cross_entropy(logits, labels))
+    assert ptr in saved
+    assert all(nbytes < logits.untyped_storage().nbytes() for p, nbytes in saved.items() if p != ptr), saved
+    grad = torch.autograd.grad(loss, logits)[0]
+    expected = F.cross_entropy(logits, labels.long())
+    assert _same(loss, expected) and _same(grad, torch.autograd.grad(expected, logits)[0])

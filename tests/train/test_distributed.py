@@ -237,3 +237,35 @@ def test_a_rank_outside_the_world_is_refused(monkeypatch):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(ValueError, match="do not describe"):
             init_distributed("cpu")
+
+
+def test_the_epoch_order_is_the_randperm_of_seed_plus_epoch():
+    """The documented order: torch.randperm(n) from a generator seeded with seed + epoch (what
+    DistributedSampler(seed).set_epoch(epoch) draws), cut into batches; a resumed or restarted run
+    depends on exactly this."""
+    n, seed = 37, 3
+    for epoch in (1, 2, 5):
+        expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        batches = train_batches(n, batch_size=8, seed=seed, epoch=epoch, drop_singleton=False)
+        assert [len(b) for b in batches] == [8, 8, 8, 8, 5]
+        assert torch.equal(torch.cat(batches), expected), epoch
+
+
+def test_every_sample_is_trained_on_in_each_epoch_on_two_ranks():
+    """With an odd n, two ranks together see every sample (DistributedSampler pads with the first
+    entries of the permutation; it drops none): 37 samples -> 19 positions per rank."""
+    n, world = 37, 2
+    for epoch in (1, 2):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        padded = perm + perm[:1]  # ceil(37 / 2) * 2 = 38
+        per_rank = [torch.cat(train_batches(n, batch_size=8, seed=3, epoch=epoch, world_size=world, rank=r,
+                                            drop_singleton=False)).tolist() for r in range(world)]
+        assert per_rank == [padded[0::2], padded[1::2]]
+        assert set(per_rank[0]) | set(per_rank[1]) == set(range(n))
+
+
+def test_eval_batches_are_the_rank_shard_in_batches_of_batch_size():
+    assert [b.tolist() for b in eval_batches(10, batch_size=4, world_size=2, rank=1)] == [[1, 3, 5, 7], [9]]
+    assert [b.tolist() for b in eval_batches(10, batch_size=4, world_size=2, rank=0)] == [[0, 2, 4, 6], [8]]
+    assert [b.tolist() for b in eval_batches(5, batch_size=2)] == [[0, 1], [2, 3], [4]]
+    assert eval_batches(1, batch_size=2, world_size=2, rank=1) == []

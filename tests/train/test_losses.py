@@ -179,3 +179,37 @@ def test_class_probability_labels_are_passed_to_the_cross_entropy(stage):
     assert len(checked) == {1: 3, 2: 5, 3: 7}[stage]
     for key in checked:
         torch.testing.assert_close(parts[key], F.cross_entropy(named[key], soft), msg=key)
+
+
+def test_joint_baseline_trains_its_fusion_head_and_ensemble_does_not():
+    """d total / d logits of each CE term is (softmax - onehot) / B by hand; the joint objective
+    passes it to ``out`` (the fusion head), the ensemble gives ``out`` no gradient at all."""
+    def onehot_grad(logits):
+        return (torch.softmax(logits, 1) - F.one_hot(LABELS, 4).float()) / LABELS.shape[0]
+
+    for method in ("joint", "ensemble"):
+        leaves = {k: v.clone().requires_grad_() for k, v in (("out", OUT), ("v_out", V), ("a_out", A))}
+        total, parts = baseline_loss(leaves, LABELS, method=method)
+        grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()), allow_unused=True)))
+        for key in ("v_out", "a_out"):
+            torch.testing.assert_close(grads[key], onehot_grad(leaves[key]), msg=f"{method} {key}")
+        if method == "joint":
+            torch.testing.assert_close(grads["out"], onehot_grad(OUT))  # (0.25 - onehot) / 2
+        else:
+            assert grads["out"] is None
+        assert all(not p.requires_grad for p in parts.values())
+
+
+def test_boolean_labels_are_refused_with_the_objectives_own_error():
+    with pytest.raises(TypeError, match=r"labels must be int64 \(or uint8\) class indices.*got torch.bool$"):
+        dmil_loss(_outputs(1), LABELS.bool(), stage=1, config=DMILConfig())
+    with pytest.raises(TypeError, match="got torch.bool"):
+        baseline_loss({"out": OUT, "v_out": V, "a_out": A}, LABELS.bool(), method="joint")
+
+
+@pytest.mark.parametrize("missing", ["loss_red", "loss_IB", "out_unique"])
+def test_stage3_names_every_missing_output_before_computing(missing):
+    """Stage 3 reads the outputs of stages 1 and 2; each missing one is named, with the hint."""
+    outputs = {k: v for k, v in _outputs(3).items() if k != missing}
+    with pytest.raises(KeyError, match=rf"'{missing}'.*stage-3 objective.*configure_stage\(3\)"):
+        dmil_loss(outputs, LABELS, stage=3, config=DMILConfig())

@@ -4,16 +4,19 @@ exactly as the uninterrupted run (the reference is that uninterrupted run, same 
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from dmil_fast.data import make_synthetic
-from dmil_fast.train import DMILConfig, Trainer, load_checkpoint
+from dmil_fast.train import DMILConfig, FeatureData, Trainer, load_checkpoint
+from dmil_fast.train.resume import capture_rng, remove_partial_files, restore_rng
 from tests.train.toy import separable_data
 
 TINY = dict(embed_size=4, input_size=8, encoder_hidden=8, encoder_depth=1, batch_size=16,
@@ -177,3 +180,50 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_metrics(tmp_path):
     b = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert b["test_accuracy"] == a["test_accuracy"] and b["final_train_loss"] == a["final_train_loss"]
     assert b["test_loss"] == a["test_loss"] and b["per_type_accuracy"] == a["per_type_accuracy"]
+
+
+def test_capture_and_restore_rng_replay_every_stream_after_a_save_and_load(tmp_path):
+    """Python's, NumPy's and torch's next draws after restore_rng equal the draws made right after
+    capture_rng (the reference is the generators themselves), also through torch.load(weights_only)."""
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    random.random(), np.random.rand(7), np.random.randn(3), torch.rand(4)  # move every stream off its seed
+    state = capture_rng()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(5).tolist(), np.random.randn(3).tolist(), torch.rand(4))
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.rand(5).tolist(), np.random.randn(3).tolist(), torch.rand(4))
+    assert got[0] == expected[0]
+    assert got[1] == expected[1] and got[2] == expected[2]
+    assert torch.equal(got[3], expected[3])
+
+
+def test_remove_partial_files_deletes_only_interrupted_writes(tmp_path):
+    """A write killed half way leaves ``.<name>.tmp<pid>`` (the name save_checkpoint and
+    truncate_log write to); those go, every other file stays."""
+    stale = [tmp_path / ".last.pt.tmp4242", tmp_path / ".log.csv.tmp17"]
+    kept = [tmp_path / "last.pt", tmp_path / "log.csv", tmp_path / "notes.tmp"]
+    for p in stale + kept:
+        p.write_text("x")
+    remove_partial_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
+    remove_partial_files(tmp_path / "absent")  # no directory: nothing to do, no error
+
+
+def test_resume_refuses_a_checkpoint_trained_on_features_of_other_widths(tmp_path):
+    """The saved model's feature widths are checked before its weights are loaded: a ValueError
+    naming the file and ``dims``, not a size mismatch from load_state_dict."""
+    config = DMILConfig(n_epochs=2, stage1_epochs=1, stage2_epochs=1, **TINY)
+    Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit()
+    d = _data()
+    narrower = FeatureData.from_tensors(
+        *[(s.x1, s.x2[:, :5], s.y, s.types) for s in (d.train, d.val, d.test)], num_classes=3,
+        type_names=d.type_names)
+    assert narrower.dims == (6, 5) and d.dims == (6, 6)
+    with pytest.raises(ValueError, match="dims") as exc:
+        Trainer(narrower, config, method="dmil", out_dir=tmp_path, echo=None).fit(resume=True)
+    assert "last.pt" in str(exc.value)

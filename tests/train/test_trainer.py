@@ -144,3 +144,31 @@ def test_load_model_rebuilds_the_trained_model(tmp_path):
     x1, x2 = data.test.x1[:5], data.test.x2[:5]
     with torch.no_grad():
         torch.testing.assert_close(model(x1, x2)["out"], trainer.model.eval()(x1, x2)["out"])
+
+
+def test_log_csv_has_one_column_per_documented_field_and_logs_the_validation(tmp_path):
+    """log.csv: the columns of runlog's docstring in that order; each epoch row carries the
+    validation loss and accuracy of that epoch (scripted here, so known in advance)."""
+    config = DMILConfig(n_epochs=3, stage1_epochs=3, stage2_epochs=0, **TINY)
+    _ScriptedValidation.script = [(3.0, 0.5), (2.0, 0.25), (1.0, 0.75)]
+    _ScriptedValidation(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit()
+    with open(tmp_path / "log.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == ["epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                                 "seconds", "samples_per_second"]
+    assert [float(r["val_loss"]) for r in rows] == [3.0, 2.0, 1.0]
+    assert [float(r["val_acc"]) for r in rows] == [0.5, 0.25, 0.75]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_from_tensors_takes_each_modalitys_own_width():
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return torch.randn(n, 3, generator=g), torch.randn(n, 5, generator=g), torch.arange(n) % 2
+
+    data = FeatureData.from_tensors(split(6), split(4), split(4), num_classes=2)
+    assert data.dims == (3, 5)
+    assert data.class_names == ["class_0", "class_1"] and data.type_names is None
+    assert torch.equal(data.train.idx, torch.arange(6)) and data.train.x1.dtype == torch.float32

@@ -172,3 +172,17 @@ def test_each_split_holds_the_rows_split_npy_gives_it(tmp_path, stream):
     data = FeatureData.load(tmp_path, stream=stream)
     for name, code in (("train", 0), ("val", 1), ("test", 2)):
         np.testing.assert_array_equal(getattr(data, name).idx.numpy(), np.flatnonzero(split == code), err_msg=name)
+
+
+def test_stream_none_compares_the_training_features_bytes_with_the_threshold(syn, monkeypatch):
+    """The threshold is in bytes: n_train x (D1 + D2) float32 values, 4 bytes each, streamed only
+    when strictly above it."""
+    import dmil_fast.train.data as data_module
+
+    memory = FeatureData.load(syn)
+    nbytes = len(memory.train) * sum(memory.dims) * 4
+    assert nbytes == memory.train.x1.numel() * 4 + memory.train.x2.numel() * 4
+    monkeypatch.setattr(data_module, "STREAM_THRESHOLD_BYTES", nbytes - 1)
+    assert FeatureData.load(syn, stream=None).stream
+    monkeypatch.setattr(data_module, "STREAM_THRESHOLD_BYTES", nbytes)
+    assert not FeatureData.load(syn, stream=None).stream

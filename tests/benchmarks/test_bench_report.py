@@ -1,0 +1,56 @@
+"""benchmarks/bench_report.py (a run's
+results, their JSON file and the speed-up summary) on hand-made benchmark records whose medians
+are chosen so that every ratio is a round number."""
+
+import json
+from types import SimpleNamespace
+
+import bench_report  # benchmarks/, on sys.path by conftest.py
+
+
+def _benchmark(provider, median, *, op="gaussian_sample", shape="B=4096 E=256", **info):
+    stats = SimpleNamespace(min=median, max=median, mean=median, median=median, stddev=0.0, rounds=5)
+    return SimpleNamespace(name=f"{op}-{provider}", group="g", stats=SimpleNamespace(stats=stats, iterations=1),
+                           extra_info=dict(op=op, variant="fwd", provider=provider, shape=shape,
+                                           dtype="float32", device="cuda", **info))
+
+
+def _log():
+    log = bench_report.ResultLog()
+    for provider, median in (("reference", 3e-3), ("compile", 2e-3), ("triton", 1e-3)):
+        log.add(f"test[{provider}]", _benchmark(provider, median, gbps=10.0))
+    log.add("untimed", SimpleNamespace(stats=None, name="x", group="g", extra_info={}))  # left out
+    return log
+
+
+def test_add_keeps_the_timed_benchmarks_only():
+    log = _log()
+    assert [r["extra_info"]["provider"] for r in log.records] == ["reference", "compile", "triton"]
+    assert log.records[2]["stats"]["median"] == 1e-3 and log.records[2]["stats"]["iterations"] == 1
+    assert log.devices() == ["cuda"]
+
+
+def test_ratio_lines_give_each_provider_the_baselines_median_over_its_own():
+    lines = _log().ratio_lines()
+    triton = next(line for line in lines if " triton " in line)
+    compile_ = next(line for line in lines if " compile " in line)
+    assert "1.000 ms" in triton and "10.0 GB/s" in triton
+    assert "3.00x" in triton and "2.00x" in triton  # reference / triton, compile / triton
+    assert "1.50x" in compile_ and "1.00x" in compile_  # reference / compile, compile / compile
+
+
+def test_times_are_printed_in_their_unit():
+    assert bench_report._fmt_time(1.5) == "1.500 s"
+    assert bench_report._fmt_time(2.5e-3) == "2.500 ms"
+    assert bench_report._fmt_time(5e-6) == "5.0 us"
+
+
+def test_write_json_never_overwrites_an_earlier_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_report, "machine_description",
+                        lambda: {"device": "Test GPU", "date": "2026-01-02T03:04:05+00:00", "commit": "abc"})
+    log = _log()
+    first, second = log.write_json(tmp_path), log.write_json(tmp_path)
+    assert (first.name, second.name) == ("test-gpu-2026-01-02.json", "test-gpu-2026-01-02-2.json")
+    payload = json.loads(second.read_text())
+    assert payload["device"] == "Test GPU" and len(payload["benchmarks"]) == 3
+    assert payload["benchmarks"][0]["stats"]["median"] == 3e-3
