@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ._device import check_device
+from ._settings import check_device, check_out_dir
 from .demo import DEMO_MIN_SAMPLES, DEMO_SAMPLES
 from .interactions.report import add_arguments as score_arguments
 from .ops import BackendUnavailableError
@@ -48,17 +48,18 @@ USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Ke
 
 def _check_settings(args) -> None:
     """Settings that need no data: checked before anything is read or written."""
+    import torch
+
+    from .nn.dmil import MODEL_BACKENDS, model_backend
+    from .ops._dispatch import ENV_VAR
+    from .train.trainer import AMP_DTYPES
+
     device = check_device(args.device, name="--device")
     if isinstance(args.compile, str):
-        import torch
-
         known = torch.compiler.list_backends(exclude_tags=())
         if args.compile not in known:
             raise ValueError(f"--compile must name a torch.compile backend such as inductor, aot_eager or eager "
                              f"(torch.compiler.list_backends(exclude_tags=()) lists them all), got {args.compile!r}")
-    from .nn.dmil import MODEL_BACKENDS, model_backend
-    from .ops._dispatch import ENV_VAR
-
     env = os.environ.get(ENV_VAR)
     if env and args.method == "dmil" and args.backend is None and env not in MODEL_BACKENDS:
         raise ValueError(f"{ENV_VAR}={env!r}: the DMIL model's ops run {' or '.join(MODEL_BACKENDS)} "
@@ -71,12 +72,8 @@ def _check_settings(args) -> None:
             raise ValueError(f"--backend must be one of {', '.join(MODEL_BACKENDS)} (the DMIL model's ops have "
                              f"no other kernel), got {args.backend!r}")
     if args.method == "dmil":  # can the model's ops run there? (the Trainer checks again on the model)
-        import torch
-
-        model_backend(args.backend, device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; expected a directory (it is created if missing)")
+        model_backend(args.backend, device, AMP_DTYPES.get(args.amp, torch.float32))
+    check_out_dir(args.out)
 
 
 def _config(args, preset: str):
@@ -230,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for name, low in (("epochs", 1), ("n", DEMO_MIN_SAMPLES), ("checkpoint_every", 0), ("workers", 0),
-                      ("num_frames", 1), ("threads", 1), ("batch_size", 1), ("seed", 0)):
+                      ("num_frames", 1), ("threads", 1), ("seed", 0)):  # score checks --batch-size itself
         value = getattr(args, name, None)
         if value is not None and value < low:
             flag = "--" + name.replace("_", "-")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ._device import check_device
+from ._settings import check_device, check_out_dir
 
 
 #: The demo's synthetic mix of (redundancy, unique_1, unique_2, synergy): all four types.
@@ -85,8 +85,7 @@ def run_demo(args) -> int:
         raise ValueError(f"--n must be at least {DEMO_MIN_SAMPLES} (15% of the samples are the test split), got {n}")
     epochs = args.epochs if args.epochs is not None else (3 if args.tiny else None)
     device = str(check_device(args.device, name="--device"))  # settings first, before any data is written
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; expected a directory (it is created if missing)")
+    check_out_dir(out)
     config = _demo_config(args, epochs)
     path = make_synthetic(out / "data", n=n, mix=DEMO_MIX, seed=args.seed)
     data = FeatureData.load(path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dmil_fast._device import check_device
+from dmil_fast._settings import check_device
 
 
 def test_auto_is_the_gpu_when_one_is_visible_else_the_cpu():

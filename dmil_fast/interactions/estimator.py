@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._device import check_device
+from .._settings import check_device
 from ..ops import InteractionScores
 from ._inputs import Source, feature_stats, progress_bar
 from .knife import KNIFE
@@ -83,10 +83,6 @@ class _JointDiscriminator(nn.Module):
         z1, z2 = self.encode_1(x[:, :self.split]), self.encode_2(x[:, self.split:])  # (B, rank) each
         outer = (z1[:, :, None] * z2[:, None, :]).flatten(1)                       # (B, rank * rank)
         return self.head(torch.cat([z1, z2, outer], dim=1))
-
-
-def _resolve_device(device) -> torch.device:
-    return check_device("auto" if device is None else device)
 
 
 def _positive_int(name: str, value, low: int = 1) -> int:
@@ -161,7 +157,7 @@ class LSMIEstimator:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.weight_decay = _real("weight_decay", weight_decay, low=0, low_ok=True)
         self.seed = _positive_int("seed", seed, low=0)
-        self.device = _resolve_device(device)
+        self.device = check_device("auto" if device is None else device)
         self.num_workers = _positive_int("num_workers", num_workers, low=0)
         self.progress = bool(progress)
         self.dims = None

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .._device import check_device
+from .._settings import check_device, check_out_dir
 from ..ops import BackendUnavailableError, InteractionScores
 
 DEFAULT_TYPE_NAMES = ("redundancy", "unique_1", "unique_2", "synergy")
@@ -297,9 +297,7 @@ def main(args) -> int:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{flag} must be an int >= {low}, got {value!r}")
     device = check_device(getattr(args, "device", "auto"), name="--device")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; expected a directory (it is created if missing)")
+    check_out_dir(args.out)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._device import check_device
+from .._settings import check_device
 
 BACKENDS = ("nccl", "gloo")
 

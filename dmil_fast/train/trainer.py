@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._device import check_device
+from .._settings import check_device
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import DMILConfig
 from .data import FeatureData

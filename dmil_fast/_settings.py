@@ -1,7 +1,10 @@
-"""Device arguments: parsed once, with an error naming the argument when one is not usable here."""
+"""Settings the commands and the Python API share (a device, an output directory): checked once,
+with an error naming the argument when one is not usable here."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -48,3 +51,12 @@ def check_device(device: DeviceLike, *, name: str = "device") -> torch.device:
         if callable(available) and not available():
             raise ValueError(f"{name} {str(dev)!r} is not available in this torch build or on this machine")
     return dev
+
+
+def check_out_dir(path: Union[str, os.PathLike], *, name: str = "--out") -> Path:
+    """``path`` as a Path, refused (NotADirectoryError naming ``name``) when it is an existing file;
+    a missing directory is fine: the command creates it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{name} {out} is a file; expected a directory (it is created if missing)")
+    return out
