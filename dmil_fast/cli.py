@@ -9,6 +9,7 @@
     dmil-fast demo  [--out DIR] [--n N] [--epochs N] [--seed S] [--config FILE] [--tiny] [--device D]
     dmil-fast score --data DIR [--model CHECKPOINT] --out DIR [--redundancy {lsmi,mmi}] [--epochs N]
                     [--seed S] [--batch-size N] [--device D] [--threads N] [--no-progress]
+    dmil-fast bench [--all] [-k EXPR] [--out DIR] [--threads N] [--suite DIR]
     dmil-fast info  [--json]
 
 ``dmil-fast COMMAND --help`` says what each option does.
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._settings import check_device, check_out_dir
+from .bench import add_arguments as bench_arguments
 from .demo import DEMO_MIN_SAMPLES, DEMO_SAMPLES
 from .interactions.report import add_arguments as score_arguments
 from .ops import BackendUnavailableError
@@ -155,6 +157,12 @@ def cmd_score(args) -> int:
     return int(report_main(args) or 0)
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_info(args) -> int:
     from .info import main as info_main
 
@@ -217,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="per-sample interactions (LSMI) of a dataset or a trained model")
     score_arguments(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("bench", help="the benchmark suite's target cases, then each performance target's verdict")
+    bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="versions and available backends")
     p.add_argument("--json", action="store_true", help="print it as JSON")

@@ -178,7 +178,7 @@ def test_score_reports_missing_data_as_an_error(tmp_path, capsys):
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "dmil_fast", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("train", "demo", "score", "info"):
+    for command in ("train", "demo", "score", "bench", "info"):
         assert command in result.stdout
 
 
@@ -197,7 +197,7 @@ def test_every_option_of_every_command_says_what_it_does():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"train", "demo", "score", "info"}
+    assert set(commands) == {"train", "demo", "score", "bench", "info"}
     missing = [f"{name} {action.option_strings[-1]}" for name, sub in commands.items() for action in sub._actions
                if action.option_strings and not action.help]
     assert missing == []
