@@ -120,6 +120,11 @@ def _backward_through(backward_op):
     return backward
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"{_OP_BACKWARD} has no derivative: the fused interaction_scores backends are "
+                       "differentiable once (use backend='reference' for higher-order gradients)")
+
+
 def _register_library_glue() -> None:
     """Fake kernels and autograd for the C++ ops; nothing when the extension is missing."""
     if _op_reason() is not None:
@@ -129,6 +134,10 @@ def _register_library_glue() -> None:
     torch.library.register_autograd(
         _OP, _backward_through(torch.ops.dmil_fast.interaction_scores_backward),
         setup_context=_setup_context)
+    # Without an autograd kernel of its own, the backward op would run under PyTorch's fallback,
+    # which warns and then gives zero second derivatives: a second backward through it is refused.
+    torch.library.register_autograd(_OP_BACKWARD, _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
 
 
 _register_library_glue()
@@ -235,9 +244,14 @@ def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_cla
     for name, value in inputs.items():
         if value is not None and bool(torch.isnan(value).any()):
             raise ValueError(f"{name} contains NaN; expected finite values")
+    infinite = [name for name in ("log_prior", "entropy_1", "entropy_2")
+                if inputs.get(name) is not None and bool(torch.isinf(inputs[name]).any())]
+    if infinite:  # e.g. a log_prior of -inf: a class of prior probability 0 at some sample's label
+        raise ValueError(f"the scores are NaN: {' and '.join(infinite)} "
+                         f"{'holds' if len(infinite) == 1 else 'hold'} infinities; expected finite values")
     raise ValueError("the scores are NaN although no input is: logits_1, logits_2 or logits_12 "
-                     "hold infinities (+inf, or -inf at the label or over a whole row), or "
-                     "entropy_1/entropy_2 are infinite; expected finite values")
+                     "hold infinities (+inf, or -inf at the label or over a whole row); expected "
+                     "finite values")
 
 
 # ---- public ops ----------------------------------------------------------------------------------

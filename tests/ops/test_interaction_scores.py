@@ -199,6 +199,24 @@ def test_gradcheck_float64(backend, redundancy, prior):
                                     fast_mode=backend == "triton")
 
 
+@pytest.mark.parametrize("backend,device", FUSED_DEVICES)
+def test_fused_backends_refuse_a_second_derivative(backend, device):
+    """Differentiable once: the second backward raises instead of returning zeros (what PyTorch's
+    fallback for an op without an autograd kernel gives). The reference's second derivative, by
+    torch autograd of log_softmax, is nonzero here, so zeros would be wrong."""
+    require(backend, device, torch.float64)
+    case = make_case(3, 4, redundancy="mmi", device=device, dtype=torch.float64, seed=5)
+
+    def second(fn):
+        a = case["logits_1"].clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(dict(case, logits_1=a)).pmi_1.sum(), a, create_graph=True)
+        return torch.autograd.grad((g * g).sum(), a)[0]
+
+    assert second(lambda c: interaction_scores_ref(**c)).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="backward"):
+        second(lambda c: dm.ops.interaction_scores(**c, backend=backend))
+
+
 # ---- hand-computed cases ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -431,12 +449,20 @@ def _bad_cases():
     nan_h = ok["entropy_1"].clone()
     nan_h[2] = float("nan")
     yield "nan_entropy", dict(entropy_1=nan_h), ValueError, "entropy_1"
+    zero_prior = ok["log_prior"].clone()
+    zero_prior[ok["labels"][0]] = -float("inf")  # a class of prior probability 0 at a label
+    yield "prior_inf_at_label", dict(log_prior=zero_prior), ValueError, "log_prior holds infinities"
+    inf = ok["logits_12"].clone()
+    inf[0, 1] = float("inf")
+    yield "inf_logits", dict(logits_12=inf), ValueError, "logits_12 hold infinities"
     yield "bad_backend", dict(backend="fortran"), ValueError, "backend"
 
 
 BAD = list(_bad_cases())
 
 
+# Triton's interpreter computes with NumPy, which warns on inf - inf (the NaN the check then reports).
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", [None, "reference", "cpp", "triton"])
 @pytest.mark.parametrize("label,change,exc,name", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_names_the_argument(backend, label, change, exc, name):
