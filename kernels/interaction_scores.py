@@ -4,7 +4,7 @@ Same contract as the C++ ops ``dmil_fast::interaction_scores{,_backward}``:
 
     i_k = log softmax(logits_k)[y] - log_prior[y]          (log_prior = log(1/C) when absent)
     r   = min(h1, h2) - min(h1 - i1, h2 - i2)  (lsmi)  or  min(i1, i2)  (mmi); ties take the first
-    scores (B, 7) = [i1, i2, i12, r, i1 - r, i2 - r, i12 - r - u1 - u2],  lse (B, 3)
+    scores (B, 7) = [i1, i2, i12, r, i1 - r, i2 - r, i12 - r - u1 - u2],  lse (B, 3) float64
 
 The forward gives each program BLOCK_R rows and walks the three logit rows once in BLOCK_C
 column tiles with an online log-sum-exp; the backward is a 2-D grid over (rows, column tiles)
@@ -53,7 +53,7 @@ def _interaction_scores_fwd_kernel(
     h1_ptr, stride_h1, h2_ptr, stride_h2,
     prior_ptr, stride_prior,
     B, C, log_c,
-    LSMI: tl.constexpr, HAS_PRIOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    LSMI: tl.constexpr, HAS_PRIOR: tl.constexpr, SAVE_LSE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -104,20 +104,29 @@ def _interaction_scores_fwd_kernel(
     tl.store(base + 4, tl.where(valid, u1, nan).to(out_ty), mask=row_mask)
     tl.store(base + 5, tl.where(valid, u2, nan).to(out_ty), mask=row_mask)
     tl.store(base + 6, tl.where(valid, syn, nan).to(out_ty), mask=row_mask)
-    lse_base = lse_ptr + rows64 * 3
-    tl.store(lse_base + 0, tl.where(valid, m1 + log_s1, nan), mask=row_mask)
-    tl.store(lse_base + 1, tl.where(valid, m2 + log_s2, nan), mask=row_mask)
-    tl.store(lse_base + 2, tl.where(valid, m3 + log_s3, nan), mask=row_mask)
+    # The lse in float64: the sum of the maximum and the log-sum is exact there, where rounding it
+    # to float32 would cost the backward's softmax a relative error of half an ulp of the maximum.
+    # Not written for a forward that no backward follows.
+    if SAVE_LSE:
+        lse_base = lse_ptr + rows64 * 3
+        tl.store(lse_base + 0, tl.where(valid, m1.to(tl.float64) + log_s1.to(tl.float64), nan), mask=row_mask)
+        tl.store(lse_base + 1, tl.where(valid, m2.to(tl.float64) + log_s2.to(tl.float64), nan), mask=row_mask)
+        tl.store(lse_base + 2, tl.where(valid, m3.to(tl.float64) + log_s3.to(tl.float64), nan), mask=row_mask)
 
 
 @triton.jit
 def _store_row_grad(out_ptrs, logits_ptr, stride_b, stride_c, lse_ptrs, rows64, cols, y, valid,
                     g, row_mask, mask, ACC_DTYPE: tl.constexpr):
-    """out = g * (onehot(y) - softmax(x)) for one (BLOCK_R, BLOCK_C) tile; NaN for bad labels."""
-    lse = tl.load(lse_ptrs, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    """out = g * (onehot(y) - softmax(x)) for one (BLOCK_R, BLOCK_C) tile; NaN for bad labels.
+    exp(x - lse) is taken as exp(-lo) exp(x - hi), hi the float64 lse rounded to ACC_DTYPE and lo
+    the rest (x - hi is exact for the large terms; an infinite lse keeps lo = 0)."""
+    lse = tl.load(lse_ptrs, mask=row_mask, other=0.0)
+    hi = lse.to(ACC_DTYPE)
+    rest = lse - hi.to(tl.float64)
+    lo = tl.where(rest == rest, rest, 0.0).to(ACC_DTYPE)  # NaN (inf - inf) -> 0
     x = tl.load(logits_ptr + rows64[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_c,
                 mask=mask, other=0.0).to(ACC_DTYPE)
-    neg = -(g[:, None] * tl.exp(x - lse[:, None]))
+    neg = -((g * tl.exp(-lo))[:, None] * tl.exp(x - hi[:, None]))
     out = tl.where(cols[None, :] == y[:, None], g[:, None] + neg, neg)
     out = tl.where(valid[:, None], out, float("nan"))
     tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
@@ -135,7 +144,8 @@ def _interaction_scores_bwd_kernel(
     labels_ptr, stride_y,
     h1_ptr, stride_h1, h2_ptr, stride_h2,
     B, C,
-    LSMI: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    LSMI: tl.constexpr, REBUILD_PMI: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -151,10 +161,23 @@ def _interaction_scores_bwd_kernel(
     g_u1 = tl.load(g_base + 4 * stride_gc, mask=row_mask, other=0.0).to(ACC_DTYPE)
     g_u2 = tl.load(g_base + 5 * stride_gc, mask=row_mask, other=0.0).to(ACC_DTYPE)
     g_s = tl.load(g_base + 6 * stride_gc, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    # The min branches are re-decided from the saved scores (the forward's own values for float32
-    # and float64); r collects G = g_r - g_u1 - g_u2 + g_s and passes it to the chosen arguments.
-    i1 = tl.load(scores_ptr + rows64 * stride_sb, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    i2 = tl.load(scores_ptr + rows64 * stride_sb + stride_sc, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    # The min branches are re-decided from the pmis: the saved scores for float32 and float64 (the
+    # forward's own values); for float16 and bfloat16 (REBUILD_PMI), whose saved scores are rounded
+    # alike near a tie, log p(y) = x_y - lse rebuilt from the label logits (without the prior,
+    # which shifts both pmis alike: the branches compare differences). r collects
+    # G = g_r - g_u1 - g_u2 + g_s and passes it to the chosen arguments.
+    if REBUILD_PMI:
+        safe_y = tl.where(valid, y, 0).to(tl.int64)
+        y_mask = row_mask & valid
+        x1 = tl.load(l1_ptr + rows64 * stride_l1b + safe_y * stride_l1c, mask=y_mask, other=0.0)
+        x2 = tl.load(l2_ptr + rows64 * stride_l2b + safe_y * stride_l2c, mask=y_mask, other=0.0)
+        lse1 = tl.load(lse_ptr + rows64 * 3, mask=row_mask, other=0.0)
+        lse2 = tl.load(lse_ptr + rows64 * 3 + 1, mask=row_mask, other=0.0)
+        i1 = (x1.to(ACC_DTYPE).to(tl.float64) - lse1).to(ACC_DTYPE)
+        i2 = (x2.to(ACC_DTYPE).to(tl.float64) - lse2).to(ACC_DTYPE)
+    else:
+        i1 = tl.load(scores_ptr + rows64 * stride_sb, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        i2 = tl.load(scores_ptr + rows64 * stride_sb + stride_sc, mask=row_mask, other=0.0).to(ACC_DTYPE)
     big_g = g_r - g_u1 - g_u2 + g_s
     zero = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     if LSMI:
@@ -189,27 +212,28 @@ def _interaction_scores_bwd_kernel(
 
 
 def interaction_scores_fwd(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
-                           redundancy: int):
+                           redundancy: int, save_lse: bool = True):
     """logits_*: (B, C) any strides, one dtype; labels: (B,) int64; entropy_*: (B,) in the
     accumulation dtype (float32, float64 for float64 logits), used when redundancy == 0 (lsmi);
-    log_prior: (C,) in that dtype or None -> scores (B, 7) in the logits dtype, lse (B, 3)."""
+    log_prior: (C,) in that dtype or None -> scores (B, 7) in the logits dtype, lse (B, 3) float64
+    ((0, 3), nothing written, when not ``save_lse``)."""
     b, c = logits_1.shape
     dev = logits_1.device
     scores = torch.empty((b, 7), dtype=logits_1.dtype, device=dev)
-    lse = torch.empty((b, 3), dtype=accumulation_dtype(logits_1.dtype), device=dev)
+    lse = torch.empty((b if save_lse else 0, 3), dtype=torch.float64, device=dev)
     if b == 0:
         return scores, lse
     lsmi = redundancy == 0
-    h1 = entropy_1 if lsmi else lse
-    h2 = entropy_2 if lsmi else lse
-    prior = log_prior if log_prior is not None else lse
+    h1 = entropy_1 if lsmi else scores  # unread stand-ins for absent inputs
+    h2 = entropy_2 if lsmi else scores
+    prior = log_prior if log_prior is not None else scores
     block_r, block_c, warps = tile(b, c, dev)
     _interaction_scores_fwd_kernel[(triton.cdiv(b, block_r),)](
-        scores, lse,
+        scores, lse if save_lse else scores,  # not written without save_lse
         logits_1, *logits_1.stride(), logits_2, *logits_2.stride(), logits_12, *logits_12.stride(),
         labels, labels.stride(0), h1, h1.stride(0), h2, h2.stride(0), prior, prior.stride(0),
         b, c, math.log(c),
-        LSMI=lsmi, HAS_PRIOR=log_prior is not None, ACC_DTYPE=acc_dtype(logits_1.dtype),
+        LSMI=lsmi, HAS_PRIOR=log_prior is not None, SAVE_LSE=save_lse, ACC_DTYPE=acc_dtype(logits_1.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return scores, lse
@@ -217,7 +241,7 @@ def interaction_scores_fwd(logits_1, logits_2, logits_12, labels, entropy_1, ent
 
 def interaction_scores_bwd(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels,
                            entropy_1, entropy_2, redundancy: int):
-    """grad_scores, scores: (B, 7) any strides; lse: (B, 3) contiguous; the rest as in the forward
+    """grad_scores, scores: (B, 7) any strides; lse: (B, 3) float64; the rest as in the forward
     -> grads of the three logits (B, C) contiguous in their dtype and of (h1, h2): (B, 2)."""
     b, c = logits_1.shape
     dev = logits_1.device
@@ -236,7 +260,7 @@ def interaction_scores_bwd(grad_scores, scores, lse, logits_1, logits_2, logits_
         logits_1, *logits_1.stride(), logits_2, *logits_2.stride(), logits_12, *logits_12.stride(),
         labels, labels.stride(0), h1, h1.stride(0), h2, h2.stride(0),
         b, c,
-        LSMI=lsmi, ACC_DTYPE=acc_dtype(logits_1.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=warps,
+        LSMI=lsmi, REBUILD_PMI=logits_1.dtype in (torch.float16, torch.bfloat16),
+        ACC_DTYPE=acc_dtype(logits_1.dtype), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return (*grads, g_entropy)

@@ -2,8 +2,9 @@
 //
 // Op contract (namespace dmil_fast):
 //   interaction_scores(logits_1, logits_2, logits_12, labels, entropy_1?, entropy_2?, log_prior?,
-//                      redundancy) -> (scores (B, 7) in the logits dtype, lse (B, 3) in the
-//                                      accumulation dtype)
+//                      redundancy, save_lse=True)
+//       -> (scores (B, 7) in the logits dtype, lse (B, 3) in double: the float maximum plus the
+//           log-sum, exactly; (0, 3) and not written when save_lse is false: no backward follows)
 //   interaction_scores_backward(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels,
 //                               entropy_1?, entropy_2?, redundancy)
 //       -> (grad_logits_1, grad_logits_2, grad_logits_12, grad_entropy (B, 2))

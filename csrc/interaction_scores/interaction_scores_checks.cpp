@@ -112,11 +112,10 @@ Sizes check_backward_args(const at::Tensor& grad_scores, const at::Tensor& score
   check_labels(op, labels, logits_1, device_type);
   check_entropies(op, entropy_1, entropy_2, redundancy, logits_1, device_type);
   const int64_t batch = logits_1.size(0);
-  const auto acc = at::toOpMathType(logits_1.scalar_type());
   const at::Tensor* ts[3] = {&grad_scores, &scores, &lse};
   const char* names[3] = {"grad_scores", "scores", "lse"};
   const int64_t cols[3] = {kNumScores, kNumScores, kNumRows};
-  const at::ScalarType dtypes[3] = {logits_1.scalar_type(), logits_1.scalar_type(), acc};
+  const at::ScalarType dtypes[3] = {logits_1.scalar_type(), logits_1.scalar_type(), at::kDouble};
   for (int k = 0; k < 3; ++k) {
     const at::Tensor& t = *ts[k];
     TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == cols[k], op, ": ", names[k],

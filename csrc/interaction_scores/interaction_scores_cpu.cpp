@@ -53,8 +53,9 @@ static_assert(kSmallCols >= 8 && kFlatCols >= 8, "the row loops need rows of >= 
 
 template <typename T>
 struct ForwardArgs {
-  T* scores;  // (B, 7)
-  T* lse;     // (B, 3)
+  T* scores;    // (B, 7)
+  double* lse;  // (B, 3): exact sums of the float maximum and log-sum (see cpu_tiles.inc); or
+                // null: not saved (a forward without a backward)
   const T* logits[kNumRows];  // (B, C) each
   const int64_t* labels;
   const T* h1;         // (B,) or null (mmi)
@@ -71,7 +72,7 @@ struct BackwardArgs {
   T* grad_entropy;           // (B, 2)
   const T* grad_scores;      // (B, 7)
   const T* scores;           // (B, 7)
-  const T* lse;              // (B, 3)
+  const double* lse;         // (B, 3)
   const T* logits[kNumRows];
   const int64_t* labels;
   const T* h1;
@@ -167,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cpu(
     const at::Tensor& logits_1, const at::Tensor& logits_2, const at::Tensor& logits_12,
     const at::Tensor& labels, const std::optional<at::Tensor>& entropy_1,
     const std::optional<at::Tensor>& entropy_2, const std::optional<at::Tensor>& log_prior,
-    int64_t redundancy) {
+    int64_t redundancy, bool save_lse) {
   const Sizes sz = check_forward_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2,
                                       log_prior, redundancy, c10::DeviceType::CPU);
   const at::Tensor l[kNumRows] = {logits_1.contiguous(), logits_2.contiguous(),
@@ -179,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cpu(
   const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
   const std::optional<at::Tensor> lp = opt_contiguous(log_prior, true);
   at::Tensor scores = at::empty({sz.batch, kNumScores}, logits_1.options());
-  at::Tensor lse = at::empty({sz.batch, kNumRows}, logits_1.options());
+  at::Tensor lse = at::empty({save_lse ? sz.batch : 0, kNumRows}, logits_1.options().dtype(at::kDouble));
   if (sz.batch == 0) {
     return {scores, lse};
   }
@@ -187,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cpu(
     const scalar_t* rows[kNumRows] = {l[0].data_ptr<scalar_t>(), l[1].data_ptr<scalar_t>(),
                                       l[2].data_ptr<scalar_t>()};
     const ForwardArgs<scalar_t> args{
-        scores.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), {rows[0], rows[1], rows[2]},
+        scores.data_ptr<scalar_t>(), save_lse ? lse.data_ptr<double>() : nullptr,
+        {rows[0], rows[1], rows[2]},
         y.data_ptr<int64_t>(), opt_ptr<scalar_t>(h1), opt_ptr<scalar_t>(h2),
         opt_ptr<scalar_t>(lp), static_cast<scalar_t>(std::log(static_cast<double>(sz.num_classes))),
         redundancy, sz.num_classes};
@@ -226,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
                                    out[2].data_ptr<scalar_t>()};
       const BackwardArgs<scalar_t> args{
           {grads[0], grads[1], grads[2]}, grad_entropy.data_ptr<scalar_t>(),
-          g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
+          g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), m.data_ptr<double>(),
           {rows[0], rows[1], rows[2]}, y.data_ptr<int64_t>(), opt_ptr<scalar_t>(h1),
           opt_ptr<scalar_t>(h2), redundancy, sz.num_classes};
       const BackwardBlock<scalar_t> block = pick_backward<scalar_t>();
@@ -245,8 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
 TORCH_LIBRARY_FRAGMENT(dmil_fast, m) {
   m.def(
       "interaction_scores(Tensor logits_1, Tensor logits_2, Tensor logits_12, Tensor labels, "
-      "Tensor? entropy_1, Tensor? entropy_2, Tensor? log_prior, int redundancy) "
-      "-> (Tensor scores, Tensor lse)");
+      "Tensor? entropy_1, Tensor? entropy_2, Tensor? log_prior, int redundancy, "
+      "bool save_lse=True) -> (Tensor scores, Tensor lse)");
   m.def(
       "interaction_scores_backward(Tensor grad_scores, Tensor scores, Tensor lse, "
       "Tensor logits_1, Tensor logits_2, Tensor logits_12, Tensor labels, Tensor? entropy_1, "

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace dmil_fast {
 namespace interaction {
@@ -89,7 +90,7 @@ __device__ __forceinline__ void warp_row_stats(const scalar_t* __restrict__ row,
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) interaction_scores_forward_kernel(
-    scalar_t* __restrict__ scores, acc_t* __restrict__ lse, const scalar_t* __restrict__ logits_1,
+    scalar_t* __restrict__ scores, double* __restrict__ lse, const scalar_t* __restrict__ logits_1,
     const scalar_t* __restrict__ logits_2, const scalar_t* __restrict__ logits_12,
     const int64_t* __restrict__ labels, const acc_t* __restrict__ entropy_1,
     const acc_t* __restrict__ entropy_2, const acc_t* __restrict__ log_prior, acc_t log_c,
@@ -104,15 +105,15 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_forward_kernel(
     if (lane < kNumScores) {
       scores[b * kNumScores + lane] = static_cast<scalar_t>(NAN);
     }
-    if (lane < kNumRows) {
-      lse[b * kNumRows + lane] = static_cast<acc_t>(NAN);
+    if (lse != nullptr && lane < kNumRows) {
+      lse[b * kNumRows + lane] = static_cast<double>(NAN);
     }
     return;
   }
   const scalar_t* rows[kNumRows] = {logits_1 + b * n_cols, logits_2 + b * n_cols,
                                     logits_12 + b * n_cols};
   acc_t pmi[kNumRows];
-  acc_t row_lse[kNumRows];
+  double row_lse[kNumRows];  // exact in double (see cpu_tiles.inc)
 #pragma unroll
   for (int k = 0; k < kNumRows; ++k) {
     acc_t row_max;
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_forward_kernel(
     const acc_t log_sum = dev_log(row_sum);
     const acc_t log_p = (static_cast<acc_t>(rows[k][y]) - row_max) - log_sum;
     pmi[k] = log_prior != nullptr ? log_p - log_prior[y] : log_p + log_c;
-    row_lse[k] = row_max + log_sum;
+    row_lse[k] = static_cast<double>(row_max) + static_cast<double>(log_sum);
   }
   if (lane == 0) {
     const acc_t h1 = entropy_1 != nullptr ? entropy_1[b] : acc_t(0);
@@ -132,9 +133,11 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_forward_kernel(
     for (int c = 0; c < kNumScores; ++c) {
       scores[b * kNumScores + c] = static_cast<scalar_t>(out[c]);
     }
+    if (lse != nullptr) {
 #pragma unroll
-    for (int k = 0; k < kNumRows; ++k) {
-      lse[b * kNumRows + k] = row_lse[k];
+      for (int k = 0; k < kNumRows; ++k) {
+        lse[b * kNumRows + k] = row_lse[k];
+      }
     }
   }
 }
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_backward_kernel(
     scalar_t* __restrict__ grad_1, scalar_t* __restrict__ grad_2,
     scalar_t* __restrict__ grad_12, acc_t* __restrict__ grad_entropy,
     const scalar_t* __restrict__ grad_scores, const scalar_t* __restrict__ scores,
-    const acc_t* __restrict__ lse, const scalar_t* __restrict__ logits_1,
+    const double* __restrict__ lse, const scalar_t* __restrict__ logits_1,
     const scalar_t* __restrict__ logits_2, const scalar_t* __restrict__ logits_12,
     const int64_t* __restrict__ labels, const acc_t* __restrict__ entropy_1,
     const acc_t* __restrict__ entropy_2, int64_t redundancy, int64_t n_rows, int64_t n_cols) {
@@ -167,15 +170,27 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_backward_kernel(
     }
     return;
   }
-  // The min branches are re-decided from the saved scores: for float and double they are the
-  // forward's own values, so the same branches are taken.
+  // The min branches are re-decided from the pmis: for float and double the saved scores, the
+  // forward's own values, so the same branches are taken; for half and bfloat16, whose saved
+  // scores are rounded (near a tie both round alike), log p(y) rebuilt in acc_t from the label
+  // logit and the lse. Without the prior, which shifts both alike: the branches compare
+  // differences of them.
   acc_t g[kNumScores];
 #pragma unroll
   for (int c = 0; c < kNumScores; ++c) {
     g[c] = static_cast<acc_t>(grad_scores[b * kNumScores + c]);
   }
-  const acc_t i1 = static_cast<acc_t>(scores[b * kNumScores]);
-  const acc_t i2 = static_cast<acc_t>(scores[b * kNumScores + 1]);
+  acc_t i1;
+  acc_t i2;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    i1 = static_cast<acc_t>(scores[b * kNumScores]);
+    i2 = static_cast<acc_t>(scores[b * kNumScores + 1]);
+  } else {
+    const double x1 = static_cast<acc_t>(logits_1[b * n_cols + y]);
+    const double x2 = static_cast<acc_t>(logits_2[b * n_cols + y]);
+    i1 = static_cast<acc_t>(x1 - lse[b * kNumRows]);
+    i2 = static_cast<acc_t>(x2 - lse[b * kNumRows + 1]);
+  }
   const acc_t h1 = entropy_1 != nullptr ? entropy_1[b] : acc_t(0);
   const acc_t h2 = entropy_2 != nullptr ? entropy_2[b] : acc_t(0);
   acc_t g_i[kNumRows];
@@ -188,10 +203,15 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_backward_kernel(
                                     logits_12 + b * n_cols};
 #pragma unroll
   for (int k = 0; k < kNumRows; ++k) {
-    const acc_t row_lse = lse[b * kNumRows + k];
+    // exp(x - lse) as exp(-lo) exp(x - hi), hi the lse rounded to acc_t (see cpu_tiles.inc).
+    const double row_lse = lse[b * kNumRows + k];
+    const acc_t hi = static_cast<acc_t>(row_lse);
+    const acc_t lo = isfinite(row_lse) ? static_cast<acc_t>(row_lse - static_cast<double>(hi))
+                                       : acc_t(0);
     const acc_t gk = g_i[k];
+    const acc_t g_lo = gk * dev_exp(-lo);
     for (int64_t j = lane; j < n_cols; j += kWarpSize) {
-      const acc_t neg = -(gk * dev_exp(static_cast<acc_t>(rows[k][j]) - row_lse));
+      const acc_t neg = -(g_lo * dev_exp(static_cast<acc_t>(rows[k][j]) - hi));
       outs[k][j] = static_cast<scalar_t>(j == y ? gk + neg : neg);
     }
   }
@@ -205,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cuda(
     const at::Tensor& logits_1, const at::Tensor& logits_2, const at::Tensor& logits_12,
     const at::Tensor& labels, const std::optional<at::Tensor>& entropy_1,
     const std::optional<at::Tensor>& entropy_2, const std::optional<at::Tensor>& log_prior,
-    int64_t redundancy) {
+    int64_t redundancy, bool save_lse) {
   const Sizes sz = check_forward_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2,
                                       log_prior, redundancy, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits_1.device());
@@ -217,9 +237,8 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cuda(
   const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
   const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
   const std::optional<at::Tensor> lp = opt_contiguous(log_prior, true);
-  const auto acc = at::toOpMathType(logits_1.scalar_type());
   at::Tensor scores = at::empty({sz.batch, kNumScores}, logits_1.options());
-  at::Tensor lse = at::empty({sz.batch, kNumRows}, logits_1.options().dtype(acc));
+  at::Tensor lse = at::empty({save_lse ? sz.batch : 0, kNumRows}, logits_1.options().dtype(at::kDouble));
   if (sz.batch == 0) {
     return {scores, lse};
   }
@@ -231,7 +250,8 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cuda(
         const acc_t log_c = static_cast<acc_t>(std::log(static_cast<double>(sz.num_classes)));
         interaction_scores_forward_kernel<scalar_t, acc_t>
             <<<num_blocks(sz.batch), kThreads, 0, stream>>>(
-                scores.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), l1.data_ptr<scalar_t>(),
+                scores.data_ptr<scalar_t>(), save_lse ? lse.data_ptr<double>() : nullptr,
+                l1.data_ptr<scalar_t>(),
                 l2.data_ptr<scalar_t>(), l12.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
                 opt_ptr<acc_t>(h1), opt_ptr<acc_t>(h2), opt_ptr<acc_t>(lp), log_c, redundancy,
                 sz.batch, sz.num_classes);
@@ -276,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
             <<<num_blocks(sz.batch), kThreads, 0, stream>>>(
                 grad_1.data_ptr<scalar_t>(), grad_2.data_ptr<scalar_t>(),
                 grad_12.data_ptr<scalar_t>(), grad_entropy.data_ptr<acc_t>(),
-                g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), m.data_ptr<acc_t>(),
+                g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), m.data_ptr<double>(),
                 l1.data_ptr<scalar_t>(), l2.data_ptr<scalar_t>(), l12.data_ptr<scalar_t>(),
                 y.data_ptr<int64_t>(), opt_ptr<acc_t>(h1), opt_ptr<acc_t>(h2), redundancy,
                 sz.batch, sz.num_classes);

@@ -80,10 +80,11 @@ BACKENDS = register(OpBackends(_NAME, {
 # ---- torch.library glue: fake kernels and autograd of the fused ops ---------------------------
 
 def _fake_forward(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
-                  redundancy):
+                  redundancy, save_lse=True):
     batch = logits_1.shape[0]
     scores = logits_1.new_empty((batch, 7))
-    lse = logits_1.new_empty((batch, 3), dtype=accumulation_dtype(logits_1.dtype))
+    # max + log-sum, exact in float64; none for a forward without a backward
+    lse = logits_1.new_empty((batch if save_lse else 0, 3), dtype=torch.float64)
     return scores, lse
 
 
@@ -97,7 +98,7 @@ def _fake_backward(grad_scores, scores, lse, logits_1, logits_2, logits_12, labe
 
 
 def _setup_context(ctx, inputs, output):
-    logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, _log_prior, redundancy = inputs
+    logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, _log_prior, redundancy = inputs[:8]
     scores, lse = output
     ctx.save_for_backward(scores, lse, logits_1, logits_2, logits_12, labels, entropy_1,
                           entropy_2)
@@ -147,11 +148,11 @@ _register_library_glue()
 def _triton_forward(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12: torch.Tensor,
                     labels: torch.Tensor, entropy_1: Optional[torch.Tensor],
                     entropy_2: Optional[torch.Tensor], log_prior: Optional[torch.Tensor],
-                    redundancy: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    redundancy: int, save_lse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     from ..kernels.interaction_scores import interaction_scores_fwd
 
     return interaction_scores_fwd(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2,
-                                  log_prior, redundancy)
+                                  log_prior, redundancy, save_lse)
 
 
 @torch.library.custom_op("dmil_fast::interaction_scores_triton_backward", mutates_args=())
@@ -281,6 +282,15 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
         fused backends): pmi_1, pmi_2, pmi_12, redundancy, unique_1, unique_2, synergy.
         Differentiable w.r.t. the three logits and both entropies.
 
+    The fused backends keep each row's log-sum-exp in float64 for the backward (the float maximum
+    plus the log-sum, exactly), so the gradients keep float32 accuracy at any offset of the logits,
+    and re-decide the min branches from the pmis in the accumulation dtype (float16 and bfloat16
+    scores, rounded, can tie where the forward's pmis did not). They are differentiable once: a
+    second backward raises (the reference backend has higher derivatives). Their seven fields are
+    views of one (B, 7) tensor: clone a field before changing it in place under autograd.
+    Under ``torch.compile`` the checks that need the values (the labels' range, NaN) are left out
+    of the graph: there a bad label raises a RuntimeError and NaN inputs give NaN scores.
+
     Equivalent PyTorch::
 
         i_k = log_softmax(logits_k.float(), -1).gather(-1, labels[:, None])[:, 0] - log_prior[labels]
@@ -309,12 +319,15 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
     lsmi = redundancy == "lsmi"
     fused = (torch.ops.dmil_fast.interaction_scores_triton if choice == "triton"
              else torch.ops.dmil_fast.interaction_scores)
+    h1 = entropy_1.to(acc) if lsmi else None
+    h2 = entropy_2.to(acc) if lsmi else None
+    # The backward's log-sum-exps are written only when a backward can follow.
+    save_lse = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (logits_1, logits_2, logits_12, h1, h2))
     scores, _ = fused(
-        logits_1, logits_2, logits_12, labels.long(),
-        entropy_1.to(acc) if lsmi else None,
-        entropy_2.to(acc) if lsmi else None,
+        logits_1, logits_2, logits_12, labels.long(), h1, h2,
         log_prior.detach().to(acc) if log_prior is not None else None,
-        _REDUNDANCY_CODES[redundancy])
+        _REDUNDANCY_CODES[redundancy], save_lse)
     _check_outputs(scores, labels if labels_after else None, num_classes, **nan_sources)
     return InteractionScores(*scores.unbind(1))  # seven (B,) columns
 

@@ -159,18 +159,20 @@ def cases() -> List[Tuple[str, Callable[[], object]]]:
                             x(b, groups * 2 * e), seed, groups)))
         for c in (6, 309) if name == "float32" else [309]:
             labels = torch.randint(0, c, (b,))
-            for lsmi, prior in itertools.product((0, 1), (False, True)) if every else [(0, True)]:
-                out.append((f"interaction fwd {name} C={c} redundancy={lsmi} prior={prior}",
-                            lambda x=x, c=c, labels=labels, lsmi=lsmi, prior=prior, acc=acc:
+            cases = (itertools.product((0, 1), (False, True), (False, True)) if every
+                     else [(0, True, True)])
+            for lsmi, prior, save in cases:
+                out.append((f"interaction fwd {name} C={c} redundancy={lsmi} prior={prior} save_lse={save}",
+                            lambda x=x, c=c, labels=labels, lsmi=lsmi, prior=prior, save=save, acc=acc:
                             isc.interaction_scores_fwd(
                                 x(b, c), x(b, c), x(b, c), labels, torch.rand(b, dtype=acc),
                                 torch.rand(b, dtype=acc),
-                                torch.rand(c, dtype=acc) if prior else None, lsmi)))
+                                torch.rand(c, dtype=acc) if prior else None, lsmi, save)))
             for lsmi in (0, 1) if every else [0]:
                 out.append((f"interaction bwd {name} C={c} redundancy={lsmi}",
                             lambda x=x, c=c, labels=labels, lsmi=lsmi, acc=acc:
                             isc.interaction_scores_bwd(
-                                x(b, 7), x(b, 7), torch.rand(b, 3, dtype=acc), x(b, c), x(b, c),
+                                x(b, 7), x(b, 7), torch.rand(b, 3, dtype=torch.float64), x(b, c), x(b, c),
                                 x(b, c), labels, torch.rand(b, dtype=acc),
                                 torch.rand(b, dtype=acc), lsmi)))
     return out

@@ -200,6 +200,24 @@ def test_gradcheck_float64(backend, redundancy, prior):
 
 
 @pytest.mark.parametrize("backend,device", FUSED_DEVICES)
+@pytest.mark.parametrize("c", [2, 40])
+def test_gradients_stay_accurate_far_from_zero(backend, device, c):
+    """Logits offset by 1e4, float32 against the float64 reference on the same values, within
+    float32 round-off of the gradients (a float32 log-sum-exp saved for the backward costs half
+    an ulp of 1e4, 5e-4, in every gradient)."""
+    require(backend, device)
+    case = make_case(16, c, device=device, seed=c)
+    shifted = {k: (v + 1e4 if k.startswith("logits") else v) for k, v in case.items()}
+    grads = [torch.randn(16, generator=torch.Generator().manual_seed(k)).to(device) for k in range(7)]
+    fn = dict(backend=backend)
+    _, got = run_with_grads(lambda **kw: dm.ops.interaction_scores(**kw, **fn), shifted, grads)
+    exact = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in shifted.items()}
+    _, want = run_with_grads(interaction_scores_ref, exact, [g.double() for g in grads])
+    for name, a, b in zip(DIFF_KEYS, got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", FUSED_DEVICES)
 def test_fused_backends_refuse_a_second_derivative(backend, device):
     """Differentiable once: the second backward raises instead of returning zeros (what PyTorch's
     fallback for an op without an autograd kernel gives). The reference's second derivative, by
@@ -389,6 +407,44 @@ def test_opcheck(backend, device, redundancy, prior):
     scores, lse = forward(*detached)
     grad = torch.randn_like(scores)
     torch.library.opcheck(backward, (grad, scores, lse, *detached[:6], detached[7]))
+    # Without save_lse (a forward no backward follows): the same scores, no log-sum-exps.
+    torch.library.opcheck(forward, (*detached, False))
+    bare_scores, bare_lse = forward(*detached, False)
+    assert bare_lse.shape == (0, 3) and lse.shape == (6, 3) and lse.dtype == torch.float64
+    assert torch.equal(bare_scores, scores)
+
+
+@pytest.mark.parametrize("backend,device", FUSED_DEVICES)
+def test_the_log_sum_exps_are_saved_only_when_a_backward_can_follow(backend, device):
+    """The public op passes save_lse=True exactly when grad mode is on and an input it
+    differentiates requires grad (seen in the op calls a TorchDispatchMode records)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    require(backend, device)
+    op_name = "interaction_scores_triton" if backend == "triton" else "interaction_scores"
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.save_lse = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] == op_name:
+                self.save_lse.append(args[8] if len(args) > 8 else kwargs.get("save_lse", True))
+            return func(*args, **(kwargs or {}))
+
+    case = make_case(5, 4, device=device, seed=3)
+
+    def calls(requires_grad, key="logits_2", grad_mode=True):
+        given = dict(case, **{key: case[key].clone().requires_grad_(requires_grad)})
+        with Calls() as mode, torch.set_grad_enabled(grad_mode):
+            dm.ops.interaction_scores(**given, backend=backend)
+        return mode.save_lse
+
+    assert calls(False) == [False]
+    assert calls(True) == [True]
+    assert calls(True, key="entropy_1") == [True]
+    assert calls(True, grad_mode=False) == [False]
 
 
 @pytest.mark.parametrize("backend,device", FUSED_DEVICES)
@@ -571,8 +627,9 @@ def test_cpp_op_raises_runtime_error(backend, device):
     with pytest.raises(RuntimeError, match="grad_scores"):
         torch.ops.dmil_fast.interaction_scores_backward(scores[:, :6], scores, lse, *args[:6],
                                                         args[7])
-    with pytest.raises(RuntimeError, match="lse"):
-        torch.ops.dmil_fast.interaction_scores_backward(scores, scores, lse.double(), *args[:6],
+    assert lse.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="lse must have dtype Double"):
+        torch.ops.dmil_fast.interaction_scores_backward(scores, scores, lse.float(), *args[:6],
                                                         args[7])
 
 
@@ -599,6 +656,40 @@ def test_low_precision_error_within_twice_pytorch(backend, device, dtype, redund
         err_torch = (p.float() - t).abs().max().item()
         err_ours = (o.float() - t).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-6
+
+
+# Next to 4 in each dtype: the pmis of [4, 0] and [below, 0] differ in float32 by less than half
+# an ulp of the low-precision scores, which so round to one value.
+_BELOW_FOUR = {torch.float16: 3.99609375, torch.bfloat16: 3.984375}
+
+
+@pytest.mark.parametrize("backend,device", GPU_KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
+@pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
+def test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie(backend, device, dtype,
+                                                                            redundancy):
+    """pmi_1 > pmi_2 by 7e-5 (2.8e-4 in bfloat16), equal once rounded: r = min(...) takes the
+    smaller, and so must its gradient, which goes to that modality's logits alone. The branch
+    and the gradient are worked out here in float64 (MMI: r = pmi_2; LSMI with the modalities
+    swapped and zero entropies: r = -min(-pmi_1, -pmi_2) = max, again the one just above)."""
+    require(backend, device, dtype)
+    near = torch.tensor([[4.0, 0.0]], dtype=dtype, device=device)
+    far = torch.tensor([[_BELOW_FOUR[dtype], 0.0]], dtype=dtype, device=device)
+    # MMI: r = min(pmi_1, pmi_2) = pmi of `far`; LSMI: r = max(pmi_1, pmi_2) = pmi of `near`.
+    l1, l2 = (near, far) if redundancy == "mmi" else (far, near)
+    chosen = far if redundancy == "mmi" else near
+    extra = {} if redundancy == "mmi" else dict(entropy_1=torch.zeros(1, device=device),
+                                                entropy_2=torch.zeros(1, device=device))
+    a, b = l1.clone().requires_grad_(), l2.clone().requires_grad_()
+    out = dm.ops.interaction_scores(a, b, torch.zeros_like(near), torch.tensor([0], device=device),
+                                    redundancy=redundancy, backend=backend, **extra)
+    assert out.pmi_1.item() == out.pmi_2.item()  # a tie once rounded: the case this is about
+    out.redundancy.sum().backward()
+    p = torch.softmax(chosen.double(), -1)
+    want = (torch.tensor([[1.0, 0.0]], dtype=torch.float64, device=device) - p).to(dtype)
+    got_chosen, got_other = (b.grad, a.grad) if chosen is l2 else (a.grad, b.grad)
+    assert torch.equal(got_other, torch.zeros_like(got_other)), got_other
+    torch.testing.assert_close(got_chosen, want, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", GPU_KERNEL_DEVICES)
