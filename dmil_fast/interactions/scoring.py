@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import ops
+from ..nn._modes import eval_mode
 from ..ops import InteractionScores
 from ._inputs import progress_bar
 from .knife import KNIFE
@@ -79,8 +80,8 @@ def score_model(model: torch.nn.Module, dataset, *, batch_size: int = 256, densi
         ``(scores, indices)``: an InteractionScores of (N,) float32 CPU tensors in dataset order and
         ``indices`` (N,) int64, the sample indices of the rows (item[3], else 0..N-1).
 
-    The model is put in eval mode for the call (its previous mode is restored) and runs under
-    ``torch.no_grad()``.
+    The model is put in eval mode for the call (afterwards each submodule has its own earlier mode
+    again) and runs under ``torch.no_grad()``.
     """
     if not hasattr(model, "interaction_outputs"):
         raise TypeError(f"model must provide interaction_outputs(visual, audio); {type(model).__name__} does not")
@@ -95,16 +96,11 @@ def score_model(model: torch.nn.Module, dataset, *, batch_size: int = 256, densi
     if len(dataset) == 0:
         raise ValueError("dataset is empty; expected at least one sample")
     device = _model_device(model) if device is None else torch.device(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _score(model, dataset, batch_size=batch_size, density_epochs=density_epochs,
-                          density_components=density_components, density_lr=density_lr,
-                          redundancy=redundancy, prior=prior, device=device, adjust=adjust, seed=seed,
-                          num_workers=num_workers, progress=progress)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        return _score(model, dataset, batch_size=batch_size, density_epochs=density_epochs,
+                      density_components=density_components, density_lr=density_lr,
+                      redundancy=redundancy, prior=prior, device=device, adjust=adjust, seed=seed,
+                      num_workers=num_workers, progress=progress)
 
 
 def _score(model, dataset, *, batch_size, density_epochs, density_components, density_lr, redundancy,

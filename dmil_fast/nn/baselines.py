@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._modes import eval_mode
 from .dmil import pool_encoder_output
 
 Tensor = torch.Tensor
@@ -46,14 +47,9 @@ class _TwoEncoders(nn.Module):
 
         Submodule train/eval modes are restored afterwards.
         """
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
+        with eval_mode(self):
             e1, e2 = self.embed(visual, audio)
             out = self._heads(e1, e2)
-        finally:
-            for module, mode in modes:
-                module.training = mode
         return {"logits_1": out["v_out"], "logits_2": out["a_out"], "logits_12": out["out"],
                 "embed_1": e1, "embed_2": e2}
 

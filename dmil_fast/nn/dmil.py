@@ -13,6 +13,7 @@ from ..ops import BACKENDS
 from ..ops._dispatch import choose_backend
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
+from ._modes import eval_mode
 from .decomposition import align_kl, first_level, recon_loss, second_level
 
 Tensor = torch.Tensor
@@ -538,14 +539,9 @@ class DMILModel(nn.Module):
                 and 3: the gated mixture; stage 1: the mean of the two unimodal logits).
             embed_1, embed_2: (B, E) the embeddings after ``embed_v`` / ``embed_a``.
         """
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
+        with eval_mode(self):
             e1, e2 = self.embed(visual, audio)
             outputs = self._run_stage(e1, e2, "both")
-        finally:
-            for module, mode in modes:
-                module.training = mode
         # In eval mode z = mu, so v_out / a_out are tr{1,2}_fc(mu_tr{1,2}) in every stage.
         return {"logits_1": outputs["v_out"], "logits_2": outputs["a_out"], "logits_12": outputs["out"],
                 "embed_1": e1, "embed_2": e2}

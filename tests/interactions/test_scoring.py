@@ -63,6 +63,16 @@ def test_mmi_scores_match_reference_in_dataset_order(dataset):
     assert model.training
 
 
+def test_each_submodule_gets_its_own_mode_back(dataset):
+    """A model in training with a frozen part in eval mode (a backbone whose BatchNorm statistics
+    stay fixed): both modes come back as they were, not the top module's for all."""
+    model = StandIn(3, 4).train()
+    model.head_1.eval()
+    score_model(model, dataset, batch_size=64, redundancy="mmi", progress=False)
+    assert model.calls and all(call == (False, False) for call in model.calls)
+    assert model.training and model.head_2.training and not model.head_1.training
+
+
 def test_lsmi_scores_use_the_model_pmis_and_densities(dataset):
     model = StandIn(3, 4).eval()
     scores, indices = score_model(model, dataset, batch_size=64, density_epochs=3, progress=False)
