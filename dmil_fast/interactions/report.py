@@ -55,7 +55,10 @@ def write_report(scores: InteractionScores, out_dir, *, indices, labels, split=N
         indices: (N,) int sample indices; labels: (N,) int class labels.
         split: optional (N,) int split codes (0 train, 1 val, 2 test).
         class_names: optional C names; interaction_type: optional (N,) int ground-truth type codes,
-            named by ``type_names`` (default redundancy, unique_1, unique_2, synergy).
+            named by ``type_names`` (default redundancy, unique_1, unique_2, synergy). Four names
+            are taken as the four components, in order, and also name the dominant estimated type;
+            another number K of ground-truth types gets a K x 4 confusion matrix against the
+            components (named as by default) and no agreement rate.
         adjusted: whether the dataset-level shift was applied (recorded in the summary).
 
     Files: ``interactions.csv`` (index, label, split, r, u1, u2, s, dominant[, true_type]),
@@ -72,27 +75,33 @@ def write_report(scores: InteractionScores, out_dir, *, indices, labels, split=N
     split = _as_array("split", split, n, np.int64)
     truth = _as_array("interaction_type", interaction_type, n, np.int64)
     type_names = list(type_names) if type_names is not None else list(DEFAULT_TYPE_NAMES)
-    if len(type_names) != 4:
-        raise ValueError(f"type_names must name the 4 interaction types, got {type_names!r}")
+    if not type_names:
+        raise ValueError("type_names must name at least one interaction type, got []")
+    # The dominant estimated type is one of the four components: named by type_names when those
+    # are the four components, else by the default names.
+    component_names = type_names if len(type_names) == 4 else list(DEFAULT_TYPE_NAMES)
+    num_types = len(type_names)
     num_classes = int(labels.max()) + 1 if class_names is None else len(class_names)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     class_names = list(class_names) if class_names is not None else [f"class_{k}" for k in range(num_classes)]
-    if truth is not None and (truth.min() < 0 or truth.max() >= 4):
-        raise ValueError(f"interaction_type codes must lie in [0, 4), got [{truth.min()}, {truth.max()}]")
+    if truth is not None and (truth.min() < 0 or truth.max() >= num_types):
+        raise ValueError(f"interaction_type codes must lie in [0, {num_types}) (one per type name), "
+                         f"got [{truth.min()}, {truth.max()}]")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dominant = values.argmax(axis=1)
-    _write_csv(out / CSV_NAME, indices, labels, split, values, dominant, truth, type_names)
+    _write_csv(out / CSV_NAME, indices, labels, split, values, dominant, truth, component_names, type_names)
 
     summary = {
         "num_samples": n,
         "adjusted": bool(adjusted),
         "means": dict(zip(DEFAULT_TYPE_NAMES, (float(v) for v in values.mean(axis=0)))),
-        "dominant_counts": dict(zip(type_names, (int(c) for c in np.bincount(dominant, minlength=4)))),
+        "dominant_counts": dict(zip(component_names, (int(c) for c in np.bincount(dominant, minlength=4)))),
         "dominant_counts_per_class": {
-            class_names[k]: dict(zip(type_names, (int(c) for c in np.bincount(dominant[labels == k], minlength=4))))
+            class_names[k]: dict(zip(component_names,
+                                     (int(c) for c in np.bincount(dominant[labels == k], minlength=4))))
             for k in range(num_classes)
         },
     }
@@ -102,26 +111,29 @@ def write_report(scores: InteractionScores, out_dir, *, indices, labels, split=N
             for code in range(3) if (split == code).any()
         }
     if truth is not None:
-        confusion = np.zeros((4, 4), dtype=np.int64)
+        confusion = np.zeros((num_types, 4), dtype=np.int64)
         np.add.at(confusion, (truth, dominant), 1)
         summary["type_names"] = type_names
         summary["confusion"] = confusion.tolist()
-        summary["confusion_axes"] = "rows: ground-truth type, columns: dominant estimated type"
-        summary["agreement"] = float(np.trace(confusion) / n)
-        summary["agreement_per_type"] = {
-            type_names[t]: (float(confusion[t, t] / confusion[t].sum()) if confusion[t].sum() else None)
-            for t in range(4)
-        }
+        summary["confusion_axes"] = (f"rows: ground-truth type ({', '.join(type_names)}), columns: dominant "
+                                     f"estimated type ({', '.join(component_names)})")
+        if num_types == 4:  # the ground-truth types are the components: how often the dominant one is right
+            summary["agreement"] = float(np.trace(confusion) / n)
+            summary["agreement_per_type"] = {
+                type_names[t]: (float(confusion[t, t] / confusion[t].sum()) if confusion[t].sum() else None)
+                for t in range(4)
+            }
     _plot_histograms(out / PLOT_NAMES[0], values)
     _plot_class_bars(out / PLOT_NAMES[1], values, labels, class_names)
     _plot_ternary(out / PLOT_NAMES[2], values, truth if truth is not None else dominant,
-                  type_names, "ground-truth type" if truth is not None else "dominant estimated type")
+                  type_names if truth is not None else component_names,
+                  "ground-truth type" if truth is not None else "dominant estimated type")
     summary["files"] = [CSV_NAME, JSON_NAME, *PLOT_NAMES]
     (out / JSON_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _write_csv(path: Path, indices, labels, split, values, dominant, truth, type_names) -> None:
+def _write_csv(path: Path, indices, labels, split, values, dominant, truth, component_names, type_names) -> None:
     header = ["index", "label", "split", "r", "u1", "u2", "s", "dominant"]
     if truth is not None:
         header.append("true_type")
@@ -130,7 +142,7 @@ def _write_csv(path: Path, indices, labels, split, values, dominant, truth, type
         writer.writerow(header)
         for i in range(values.shape[0]):
             row = [int(indices[i]), int(labels[i]), SPLIT_NAMES[split[i]] if split is not None else "",
-                   *(f"{round(float(v), 6) + 0.0:.6f}" for v in values[i]), type_names[dominant[i]]]
+                   *(f"{round(float(v), 6) + 0.0:.6f}" for v in values[i]), component_names[dominant[i]]]
             if truth is not None:
                 row.append(type_names[truth[i]])
             writer.writerow(row)
@@ -211,10 +223,11 @@ def _plot_ternary(path: Path, values: np.ndarray, groups: np.ndarray, type_names
     ax.plot(*np.vstack([corners, corners[:1]]).T, color="black", linewidth=1)
     for name, (cx, cy), dy in zip(("R", "U = U1 + U2", "S"), corners, (0.03, -0.05, -0.05)):
         ax.text(cx, cy + dy, name, ha="center", va="center", fontsize=11)
-    for t in range(4):
+    colors = _COLORS if len(type_names) <= len(_COLORS) else plt.get_cmap("tab20").colors
+    for t, name in enumerate(type_names):
         mask = groups[keep] == t
         if mask.any():
-            ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.5, color=_COLORS[t], label=type_names[t])
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.5, color=colors[t % len(colors)], label=name)
     ax.set_xlim(-0.08, 1.08)
     ax.set_ylim(-0.1, 0.95)
     ax.set_aspect("equal")

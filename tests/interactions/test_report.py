@@ -66,12 +66,38 @@ def test_write_report_contents(tmp_path):
     _check_pngs(tmp_path)
 
 
+@pytest.mark.parametrize("type_names", [["noise", "gate", "copy"], ["a", "b", "c", "d", "e", "f"]])
+def test_ground_truth_of_other_than_four_types(tmp_path, type_names):
+    """K ground-truth types that are not the four components: the dominant type keeps the
+    components' names, the confusion matrix is K x 4, and no agreement rate is claimed."""
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(40, 4))
+    truth = rng.integers(0, len(type_names), size=40)
+    summary = report.write_report(_scores(values), tmp_path, indices=np.arange(40), labels=np.zeros(40, dtype=int),
+                                  interaction_type=truth, type_names=type_names)
+    dominant = values.argmax(1)
+    with open(tmp_path / "interactions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["dominant"] for r in rows] == [report.DEFAULT_TYPE_NAMES[d] for d in dominant]
+    assert [r["true_type"] for r in rows] == [type_names[t] for t in truth]
+    confusion = np.zeros((len(type_names), 4), dtype=int)
+    np.add.at(confusion, (truth, dominant), 1)
+    assert summary["confusion"] == confusion.tolist()
+    assert summary["type_names"] == type_names
+    assert list(summary["dominant_counts"]) == list(report.DEFAULT_TYPE_NAMES)
+    assert "agreement" not in summary and "agreement_per_type" not in summary
+    _check_pngs(tmp_path)
+
+
 def test_write_report_validates(tmp_path):
     with pytest.raises(ValueError, match="labels must have shape"):
         report.write_report(_scores(np.zeros((5, 4))), tmp_path, indices=np.arange(5), labels=np.zeros(4))
     with pytest.raises(ValueError, match="interaction_type codes"):
         report.write_report(_scores(np.zeros((5, 4))), tmp_path, indices=np.arange(5), labels=np.zeros(5),
                             interaction_type=np.full(5, 4))
+    with pytest.raises(ValueError, match=r"interaction_type codes must lie in \[0, 2\)"):
+        report.write_report(_scores(np.zeros((5, 4))), tmp_path, indices=np.arange(5), labels=np.zeros(5),
+                            interaction_type=np.full(5, 2), type_names=["x", "y"])
 
 
 def _args(data, out, **extra):
