@@ -303,6 +303,25 @@ class DMILConfig:
         for name in ("lamb", "stage1_lr", "stage2_lr", "stage3_lr", "lr", "momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for f in fields(self):  # the loss weights: beta_cls, stage1_visual_beta_kl, ...
+            if f.name.startswith("beta_") or "_beta_" in f.name:
+                if getattr(self, f.name) < 0:
+                    raise ValueError(f"{f.name} must be >= 0 (a loss weight), got {getattr(self, f.name)!r}")
+        for stage in (1, 2, 3, 0):
+            prefix = f"stage{stage}_" if stage else ""
+            factor, patience = self.plateau(stage)
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+                raise ValueError(f"{prefix}plateau_factor must lie in (0, 1) (the learning rate is multiplied "
+                                 f"by it on a plateau), got {factor!r}")
+            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+                raise ValueError(f"{prefix}plateau_patience must be an int >= 0 (epochs without improvement), "
+                                 f"got {patience!r}")
+        betas = self.adam_betas
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+        if self.adam_eps < 0:
+            raise ValueError(f"adam_eps must be >= 0, got {self.adam_eps!r}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
         if not 0 <= self.encoder_dropout < 1:

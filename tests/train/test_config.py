@@ -109,6 +109,24 @@ def test_presets_and_validation():
         DMILConfig(synergy_hidden=-1)
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    ("stage1_plateau_factor", 1.0, r"stage1_plateau_factor must lie in \(0, 1\)"),
+    ("plateau_factor", 0.0, r"plateau_factor must lie in \(0, 1\)"),
+    ("stage3_plateau_patience", -1, "stage3_plateau_patience must be an int >= 0"),
+    ("plateau_patience", 1.5, "plateau_patience must be an int >= 0"),
+    ("adam_betas", (0.9, 1.5), r"adam_betas must be two numbers in \[0, 1\)"),
+    ("adam_betas", (0.9,), "adam_betas must be two numbers"),
+    ("adam_eps", -1e-8, "adam_eps must be >= 0"),
+    ("beta_cls", -1.0, "beta_cls must be >= 0"),
+    ("stage2_beta_rec_tr", -0.5, "stage2_beta_rec_tr must be >= 0"),
+])
+def test_optimiser_schedule_and_loss_weight_settings_are_checked(setting, value, message):
+    """Refused when the config is made, naming the setting (torch's own errors came at the first
+    step, naming neither; a negative patience or loss weight was taken silently)."""
+    with pytest.raises(ValueError, match=message):
+        DMILConfig(**{setting: value})
+
+
 def test_factory_builds_the_configured_synergy_module_and_encoders():
     model = build_model("dmil", (5, 5), 3, DMILConfig.for_features(embed_size=4, synergy_hidden=7))
     assert model.cross_modality.fc_hidden.weight.shape == (7, 12)
