@@ -7,11 +7,32 @@ through a DataLoader so that large sets are streamed, never loaded whole).
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+
+def positive_int(name: str, value, low: int = 1) -> int:
+    """``value`` (a Python or NumPy integer) as an int >= ``low``; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {value!r}")
+    return int(value)
+
+
+def real_number(name: str, value, *, low: float, low_ok: bool) -> float:
+    """``value`` (a Python or NumPy number, or a 0-d floating tensor) as a finite float > ``low``
+    (>= with ``low_ok``); a ValueError naming ``name`` otherwise."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype.is_floating_point:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not (value >= low if low_ok else value > low):
+        raise ValueError(f"{name} must be a finite number {'>=' if low_ok else '>'} {low:g}, got {value!r}")
+    return float(value)
+
 
 
 def progress_bar(iterable, *, enabled: bool, desc: str, total: Optional[int] = None):

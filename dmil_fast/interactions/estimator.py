@@ -25,7 +25,6 @@ belongs to sample i of the input.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ from torch import nn
 from .. import ops
 from .._settings import check_device
 from ..ops import InteractionScores
-from ._inputs import Source, feature_stats, progress_bar
+from ._inputs import Source, feature_stats, positive_int, progress_bar, real_number
 from .knife import KNIFE
 
 
@@ -85,24 +84,6 @@ class _JointDiscriminator(nn.Module):
         return self.head(torch.cat([z1, z2, outer], dim=1))
 
 
-def _positive_int(name: str, value, low: int = 1) -> int:
-    """``value`` (a Python or NumPy integer) as an int >= ``low``; a ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {value!r}")
-    return int(value)
-
-
-def _real(name: str, value, *, low: float, low_ok: bool) -> float:
-    """``value`` (a Python or NumPy number, or a 0-d floating tensor) as a finite float > ``low``
-    (>= with ``low_ok``); a ValueError naming ``name`` otherwise."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype.is_floating_point:
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not (value >= low if low_ok else value > low):
-        raise ValueError(f"{name} must be a finite number {'>=' if low_ok else '>'} {low:g}, got {value!r}")
-    return float(value)
-
-
 class LSMIEstimator:
     """Per-sample interaction estimator (LSMI) for two modalities and C classes.
 
@@ -135,30 +116,28 @@ class LSMIEstimator:
                  fusion_rank: int = 16, components: int = 5, val_fraction: float = 0.1,
                  weight_decay: float = 1e-2, seed: int = 0, device=None, num_workers: int = 0,
                  progress: bool = True):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if redundancy not in ("lsmi", "mmi"):
             raise ValueError(f"redundancy must be 'lsmi' or 'mmi', got {redundancy!r}")
         if prior not in ("empirical", "uniform"):
             raise ValueError(f"prior must be 'empirical' or 'uniform', got {prior!r}")
-        self.num_classes = num_classes
+        self.num_classes = positive_int("num_classes", num_classes, low=2)
         self.redundancy = redundancy
         self.prior = prior
-        self.hidden = _positive_int("hidden", hidden)
-        self.epochs = _positive_int("epochs", epochs)
-        self.density_epochs = _positive_int("density_epochs", density_epochs if density_epochs is not None else epochs)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.fusion_rank = _positive_int("fusion_rank", fusion_rank)
-        self.components = _positive_int("components", components)
-        self.lr = _real("lr", lr, low=0, low_ok=False)
-        self.density_lr = 10.0 * self.lr if density_lr is None else _real("density_lr", density_lr, low=0, low_ok=False)
-        self.val_fraction = _real("val_fraction", val_fraction, low=0, low_ok=True)
+        self.hidden = positive_int("hidden", hidden)
+        self.epochs = positive_int("epochs", epochs)
+        self.density_epochs = positive_int("density_epochs", density_epochs if density_epochs is not None else epochs)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.fusion_rank = positive_int("fusion_rank", fusion_rank)
+        self.components = positive_int("components", components)
+        self.lr = real_number("lr", lr, low=0, low_ok=False)
+        self.density_lr = 10.0 * self.lr if density_lr is None else real_number("density_lr", density_lr, low=0, low_ok=False)
+        self.val_fraction = real_number("val_fraction", val_fraction, low=0, low_ok=True)
         if not self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-        self.weight_decay = _real("weight_decay", weight_decay, low=0, low_ok=True)
-        self.seed = _positive_int("seed", seed, low=0)
+        self.weight_decay = real_number("weight_decay", weight_decay, low=0, low_ok=True)
+        self.seed = positive_int("seed", seed, low=0)
         self.device = check_device("auto" if device is None else device)
-        self.num_workers = _positive_int("num_workers", num_workers, low=0)
+        self.num_workers = positive_int("num_workers", num_workers, low=0)
         self.progress = bool(progress)
         self.dims = None
         self.log_prior = None           # (C,) float32 once fitted
@@ -310,7 +289,7 @@ class LSMIEstimator:
         ``batch_size``: samples per scoring batch (default: max(training batch size, 2048)); the
         values do not depend on it."""
         self._check_fitted()
-        batch_size = _positive_int("batch_size", batch_size) if batch_size is not None else max(self.batch_size, 2048)
+        batch_size = positive_int("batch_size", batch_size) if batch_size is not None else max(self.batch_size, 2048)
         show = self.progress if progress is None else bool(progress)
         source = Source(x1, x2, y, num_classes=self.num_classes, num_workers=self.num_workers)
         for k in range(2):

@@ -26,7 +26,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ._inputs import progress_bar
+from ._inputs import positive_int, progress_bar, real_number
 
 
 class KNIFE(nn.Module):
@@ -43,10 +43,8 @@ class KNIFE(nn.Module):
 
     def __init__(self, dim: int, components: int = 5, *, log_scale_bound: float = 1.0):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(components, int) or components < 1:
-            raise ValueError(f"components must be a positive int, got {components!r}")
+        dim = positive_int("dim", dim)
+        components = positive_int("components", components)
         if not log_scale_bound > 0:
             raise ValueError(f"log_scale_bound must be > 0, got {log_scale_bound!r}")
         self.dim = dim
@@ -126,12 +124,9 @@ class KNIFE(nn.Module):
             raise ValueError(f"x needs at least 2 samples to fit a density, got {x.shape[0]}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or infinite values")
-        if not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+        epochs = positive_int("epochs", epochs)
+        batch_size = positive_int("batch_size", batch_size)
+        lr = real_number("lr", lr, low=0, low_ok=False)
         device = self.means.device
         x = x.to(device=device, dtype=self.means.dtype)
         gen = torch.Generator().manual_seed(int(seed))

@@ -21,9 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import ops
+from .._settings import check_device
 from ..nn._modes import eval_mode
 from ..ops import InteractionScores
-from ._inputs import progress_bar
+from ._inputs import positive_int, progress_bar, real_number
 from .knife import KNIFE
 
 _KEYS = ("logits_1", "logits_2", "logits_12", "embed_1", "embed_2")
@@ -85,17 +86,19 @@ def score_model(model: torch.nn.Module, dataset, *, batch_size: int = 256, densi
     """
     if not hasattr(model, "interaction_outputs"):
         raise TypeError(f"model must provide interaction_outputs(visual, audio); {type(model).__name__} does not")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(density_epochs, bool) or not isinstance(density_epochs, int) or density_epochs < 1:
-        raise ValueError(f"density_epochs must be a positive int, got {density_epochs!r}")
+    batch_size = positive_int("batch_size", batch_size)
+    density_epochs = positive_int("density_epochs", density_epochs)
+    density_components = positive_int("density_components", density_components)
+    density_lr = real_number("density_lr", density_lr, low=0, low_ok=False)
+    seed = positive_int("seed", seed, low=0)
+    num_workers = positive_int("num_workers", num_workers, low=0)
     if redundancy not in ("lsmi", "mmi"):
         raise ValueError(f"redundancy must be 'lsmi' or 'mmi', got {redundancy!r}")
     if prior not in ("empirical", "uniform"):
         raise ValueError(f"prior must be 'empirical' or 'uniform', got {prior!r}")
     if len(dataset) == 0:
         raise ValueError("dataset is empty; expected at least one sample")
-    device = _model_device(model) if device is None else torch.device(device)
+    device = _model_device(model) if device is None else check_device(device)
     with eval_mode(model), torch.no_grad():
         return _score(model, dataset, batch_size=batch_size, density_epochs=density_epochs,
                       density_components=density_components, density_lr=density_lr,

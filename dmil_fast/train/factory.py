@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 from torch import nn
@@ -45,6 +46,9 @@ def build_model(method: str, dims: Optional[Tuple[int, int]], num_classes: int, 
     if encoders is None:
         if dims is None:
             raise ValueError("dims (D1, D2) is needed unless encoders are given")
+        if (not isinstance(dims, (tuple, list)) or len(dims) != 2
+                or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in dims)):
+            raise ValueError(f"dims must be the two feature widths (D1, D2), positive ints, got {dims!r}")
         enc_1, enc_2, input_size = build_encoders(dims, config)
     else:
         if not (isinstance(encoders, (tuple, list)) and len(encoders) == 2

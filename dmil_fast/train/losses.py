@@ -101,6 +101,13 @@ def _check_outputs(outputs: Mapping, labels: Tensor, keys: Tuple[str, ...], need
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"labels must have shape ({logits.shape[0]},) (one class index per row of "
                          f"outputs['out']), got {tuple(labels.shape)}")
+    # On the CPU the range costs no sync (on a GPU F.cross_entropy asserts in its kernel; the
+    # Trainer checks the labels when it loads the data).
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= logits.shape[-1]:
+            raise ValueError(f"labels must lie in [0, C) = [0, {logits.shape[-1]}) (C: the columns of "
+                             f"outputs['out']), got values from {low} to {high}")
 
 
 def _pair(outputs: Mapping, key: str) -> Tuple[Tensor, Tensor]:
@@ -153,6 +160,9 @@ def dmil_loss(outputs: Mapping[str, object], labels: Tensor, *, stage: int, conf
     """
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    if not isinstance(config, DMILConfig) and not hasattr(config, "lamb"):
+        raise TypeError(f"config must be a DMILConfig (its betas and lamb weight the terms), got "
+                        f"{type(config).__name__}")
     _check_outputs(outputs, labels, STAGE_KEYS[stage], f"the stage-{stage} objective",
                    f"pass the dict DMILModel.forward returns in stage {stage} (model.configure_stage({stage}))")
     c, lam = config, config.lamb

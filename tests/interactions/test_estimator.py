@@ -229,6 +229,7 @@ def test_numpy_numbers_and_0d_tensors_are_numbers():
 def test_bad_settings():
     with pytest.raises(ValueError, match="num_classes"):
         LSMIEstimator(1)
+    assert LSMIEstimator(np.int64(3)).num_classes == 3
     with pytest.raises(ValueError, match="redundancy"):
         LSMIEstimator(2, redundancy="max")
     with pytest.raises(ValueError, match="prior"):

@@ -3,6 +3,7 @@ fits against closed-form Gaussians, and gradients that never accumulate across s
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,10 @@ def test_bad_inputs_name_the_argument():
         KNIFE(0)
     with pytest.raises(ValueError, match="components"):
         KNIFE(2, components=0)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        knife.fit(torch.zeros(4, 2), epochs=1, lr=0.0)
+    # NumPy integers are integers (as everywhere in the estimator's settings).
+    assert KNIFE(np.int64(2), components=np.int32(3)).means.shape == (3, 2)
 
 
 def test_log_scale_bound_bounds_the_scales_in_the_density():

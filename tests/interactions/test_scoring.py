@@ -138,6 +138,14 @@ def test_bad_arguments(dataset):
         score_model(StandIn(3, 4), dataset, redundancy="max", progress=False)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
         score_model(StandIn(3, 2), dataset, redundancy="mmi", progress=False)
+    for name, value, match in (("density_components", 0, "density_components must be a positive int"),
+                               ("density_lr", 0.0, "density_lr must be a finite number > 0"),
+                               ("density_epochs", 1.5, "density_epochs must be a positive int"),
+                               ("seed", -1, "seed must be an int >= 0"), ("seed", 1.5, "seed must be an int >= 0"),
+                               ("num_workers", -1, "num_workers must be an int >= 0"),
+                               ("device", "tpu", "device must be 'auto' or a torch device")):
+        with pytest.raises(ValueError, match=match):
+            score_model(StandIn(3, 4), dataset, progress=False, **{name: value})
 
 
 def test_a_class_absent_from_the_data_counts_once_in_the_empirical_prior(dataset):

@@ -135,6 +135,9 @@ def test_factory_builds_the_configured_synergy_module_and_encoders():
     assert not hasattr(published.cross_modality, "fc_hidden")
     with pytest.raises(ValueError, match="encoder_depth"):
         build_model("dmil", (5, 6), 3, DMILConfig.for_features(embed_size=4))
+    for dims in ((8,), (8, 0), (8, 2.5), 8):
+        with pytest.raises(ValueError, match=r"dims must be the two feature widths \(D1, D2\)"):
+            build_model("dmil", dims, 3, DMILConfig.for_features(embed_size=4))
 
 
 def test_recompute_setting_reaches_the_model_and_is_validated(tmp_path):

@@ -140,6 +140,14 @@ def test_bad_stage_or_missing_output():
         dmil_loss(_outputs(1), LABELS[:-1], stage=1, config=DMILConfig())
     with pytest.raises(KeyError, match="'v_out'.*the joint objective"):
         baseline_loss({"out": OUT, "a_out": A}, LABELS, method="joint")
+    with pytest.raises(TypeError, match="config must be a DMILConfig.*got NoneType"):
+        dmil_loss(_outputs(1), LABELS, stage=1, config=None)
+    num_classes = OUT.shape[1]
+    for labels in (LABELS + num_classes, LABELS - num_classes):  # out of range above and below
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, C\) = \[0, {num_classes}\)"):
+            dmil_loss(_outputs(1), labels, stage=1, config=DMILConfig())
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, C\) = \[0, {num_classes}\)"):
+            baseline_loss({"out": OUT, "v_out": OUT, "a_out": A}, labels, method="joint")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
