@@ -34,7 +34,6 @@ def real_number(name: str, value, *, low: float, low_ok: bool) -> float:
     return float(value)
 
 
-
 def progress_bar(iterable, *, enabled: bool, desc: str, total: Optional[int] = None):
     """``iterable`` wrapped in a tqdm bar when ``enabled``, else unchanged."""
     if not enabled:

@@ -300,13 +300,11 @@ class DMILConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be finite, got {value!r}")
+            if (f.name.startswith("beta_") or "_beta_" in f.name) and value < 0:  # beta_cls, stage1_visual_beta_kl, ...
+                raise ValueError(f"{f.name} must be >= 0 (a loss weight), got {value!r}")
         for name in ("lamb", "stage1_lr", "stage2_lr", "stage3_lr", "lr", "momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for f in fields(self):  # the loss weights: beta_cls, stage1_visual_beta_kl, ...
-            if f.name.startswith("beta_") or "_beta_" in f.name:
-                if getattr(self, f.name) < 0:
-                    raise ValueError(f"{f.name} must be >= 0 (a loss weight), got {getattr(self, f.name)!r}")
         for stage in (1, 2, 3, 0):
             prefix = f"stage{stage}_" if stage else ""
             factor, patience = self.plateau(stage)
