@@ -12,6 +12,7 @@ data pointer of Tensor"). The kernel is already the fused unit, so an opaque op 
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -49,7 +50,7 @@ register(backends_of("gaussian_sample"))
 def check_seed(seed) -> None:
     if seed is None:
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # Python or NumPy integers
         raise TypeError(f"seed must be None or an int in [0, 2**63 - 1], got {type(seed).__name__}")
     if not 0 <= seed <= _SEED_MAX:
         raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {seed}")
@@ -60,12 +61,12 @@ def seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
     None (so ``torch.manual_seed`` controls it and nothing leaves the device or breaks a graph)."""
     if seed is None:
         return torch.randint(0, _SEED_MAX, (1,), dtype=torch.int64, device=device)
-    return torch.full((1,), seed, dtype=torch.int64, device=device)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
 def seeded_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
     """The reference backends' generator: None (torch's global one) or a fresh seeded one."""
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
 
 
 @torch.library.custom_op("dmil_fast::gaussian_sample", mutates_args=())
@@ -118,7 +119,7 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[in
         mu: (..., E) floating tensor (float16/float32/float64 on CPU; float16/bfloat16/float32 on CUDA
             for the Triton backend; any floating dtype for the reference), any strides.
         logvar: (..., E), same shape, dtype and device as ``mu``.
-        seed: None or an int in [0, 2**63 - 1]. Same seed -> bitwise the same z (per backend).
+        seed: None or an int (Python or NumPy) in [0, 2**63 - 1]. Same seed -> bitwise the same z (per backend).
             None draws from torch's generator (``torch.manual_seed`` controls it); the reference
             then calls ``torch.randn_like(mu)``, the official draw. An int seed gives the
             reference a fresh ``torch.Generator``, which torch.compile cannot trace (a graph

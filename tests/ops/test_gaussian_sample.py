@@ -6,6 +6,7 @@ shape (z = eps exactly); every other draw must then equal ``gaussian_sample_ref(
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -79,6 +80,8 @@ def test_same_seed_is_bitwise_reproducible_and_seeds_differ(backend, device):
     z3 = dm.ops.gaussian_sample(mu, logvar, seed=1235, backend=backend)
     assert torch.equal(z1, z2)
     assert (z1 != z3).float().mean() > 0.99
+    # A NumPy integer seed is the same seed.
+    assert torch.equal(dm.ops.gaussian_sample(mu, logvar, seed=np.int64(1234), backend=backend), z1)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

@@ -2,6 +2,7 @@
 reference oracle. A backend's noise is recovered from a draw with weight = 0 and bias = 0
 (mu = logvar = 0, so z = eps exactly) with the same seed and shapes."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -152,6 +153,8 @@ def test_seed_determinism(backend, device):
     e = dm.ops.variational_bottleneck_grouped(x, weight, bias, 2, backend=backend)[0]
     assert torch.equal(a, b) and torch.equal(d, e)
     assert (a != c).float().mean() > 0.99
+    assert torch.equal(dm.ops.variational_bottleneck_grouped(x, weight, bias, 2, seed=np.uint32(5),
+                                                             backend=backend)[0], a)  # NumPy seeds
     eps = recovered_eps(9, 4, 3, 2, 5, backend, device)
     assert (eps[:, 0] != eps[:, 1]).all()  # each head draws its own noise
 
