@@ -100,7 +100,11 @@ def main(args) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    status = subprocess.run(command, cwd=suite.parent, env=env).returncode
+    with subprocess.Popen(command, cwd=suite.parent, env=env) as session:
+        try:
+            status = session.wait()
+        except KeyboardInterrupt:  # the session got the Ctrl-C too: it saves what it timed, then ends
+            status = session.wait()
     if status == NO_TESTS_SELECTED:
         what = "the target cases" if not args.everything else "the suite"
         raise ValueError(f"no benchmark selected: -k {args.keywords!r} matches none of {what}"

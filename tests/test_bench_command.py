@@ -71,6 +71,41 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     assert target.read_text() == "{}"
 
 
+def test_ctrl_c_lets_the_session_save_its_results(tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches the pytest session too, which then writes what it timed: the command waits
+    for it (a killed session would lose the timings) and judges the file it saved."""
+    waits = []
+
+    class Session:
+        def __init__(self, command, **kwargs):
+            self.out = Path(command[command.index("--bench-results-dir") + 1])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            waits.append(len(waits))
+            if len(waits) == 1:
+                raise KeyboardInterrupt
+            (self.out / "cpu-interrupted.json").write_text('{"device": "cpu", "benchmarks": []}')
+            return 2  # pytest's status for an interrupted session
+
+        def kill(self):
+            raise AssertionError("the session was killed")
+
+    real_popen = subprocess.Popen  # the targets judge still runs for real
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda command, **kw: (
+        Session(command) if "pytest" in command else real_popen(command, **kw)))
+    assert main(["bench", "--out", str(tmp_path)]) == 2
+    assert waits == [0, 1]
+    out = capsys.readouterr().out
+    assert f"results saved to {tmp_path / 'cpu-interrupted.json'}" in out
+    assert "not measured" in out  # the targets table of the saved (empty) file
+
+
 def test_threads_below_one_are_refused(capsys):
     assert main(["bench", "--threads", "0"]) == 2
     assert "error: --threads must be an int >= 1, got 0" in capsys.readouterr().err
