@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -117,9 +118,7 @@ def _worker(rank, port, out):
         shutdown(ctx)
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def _run_two_ranks(out) -> None:
     workers = mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 240
     while not workers.join(timeout=2):  # raises when a worker fails
@@ -127,7 +126,24 @@ def two_ranks(tmp_path_factory):
             for p in workers.processes:
                 p.kill()
             pytest.fail("the two DDP workers did not finish within 240 s")
-    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The two-rank job's outputs. A worker killed by a signal (a native abort inside the gloo
+    process group, 'terminate called without an active exception', seen about once in a few full
+    CI runs on 2 shared cores and never alone) gets the job one more run, with a warning; a Python
+    error in a worker, or a second crash, fails every test that uses it."""
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("ddp")
+        try:
+            _run_two_ranks(out)
+            return out
+        except mp.ProcessExitedException as exc:
+            if attempt == 2 or exc.signal_name is None:
+                raise
+            warnings.warn(f"DDP worker {exc.error_index} died of {exc.signal_name}; running the two ranks "
+                          "once more", RuntimeWarning)
 
 
 def test_sampler_splits_each_global_batch_across_ranks():
