@@ -104,7 +104,7 @@ def _check_outputs(outputs: Mapping, labels: Tensor, keys: Tuple[str, ...], need
     # On the CPU the range costs no sync (on a GPU F.cross_entropy asserts in its kernel; the
     # Trainer checks the labels when it loads the data).
     if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
-        low, high = int(labels.min()), int(labels.max())
+        low, high = (int(v) for v in torch.aminmax(labels))  # one pass over the labels
         if low < 0 or high >= logits.shape[-1]:
             raise ValueError(f"labels must lie in [0, C) = [0, {logits.shape[-1]}) (C: the columns of "
                              f"outputs['out']), got values from {low} to {high}")
