@@ -253,6 +253,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a diverged training run (its checkpoints are kept)
+        if os.environ.get("DMIL_FAST_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

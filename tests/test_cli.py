@@ -151,6 +151,30 @@ def test_scale_flags_reach_the_trainer(tiny, small_config, tmp_path, monkeypatch
     assert seen["dist"].world_size == 1 and type(seen["dist"]).__name__ == "DistContext"
 
 
+def test_a_diverged_run_is_an_error_message_and_keeps_its_checkpoints(tiny, small_config, tmp_path,
+                                                                      monkeypatch, capsys):
+    import torch
+
+    import dmil_fast.train as train_module
+
+    class Diverging(train_module.Trainer):
+        def train_step(self, x1, x2, y):  # the weights become NaN in epoch 2
+            if self.epoch == 2:
+                with torch.no_grad():
+                    for p in self.model.parameters():
+                        p.fill_(float("nan"))
+            return super().train_step(x1, x2, y)
+
+    monkeypatch.setattr(train_module, "Trainer", Diverging)
+    out = tmp_path / "o"
+    code = main(["train", "--data", str(tiny), "--method", "dmil", "--epochs", "3", "--out", str(out),
+                 "--config", str(small_config), "--no-progress", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "error: training diverged at epoch 2 (stage " in err and "holds NaN" in err
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
 def test_bad_arguments(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", str(tiny), "--method", "svm", "--out", str(tmp_path)])

@@ -65,3 +65,38 @@ def check_same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+class NaNInputError(ValueError):
+    """An op's input holds NaN: a ValueError naming the argument (``.argument``). The trainer
+    turns it into the FloatingPointError of a diverged run."""
+
+    def __init__(self, argument: str):
+        super().__init__(f"{argument} contains NaN; expected finite values")
+        self.argument = argument
+
+    def __reduce__(self):  # pickled across processes (a DDP worker's error) with its argument
+        return type(self), (self.argument,)
+
+
+def values_checked(device: torch.device) -> bool:
+    """Whether the Gaussian ops look at their inputs' values (NaN): always for CPU tensors, where
+    the check is a read of each input; for GPU tensors only under anomaly detection
+    (``torch.autograd.detect_anomaly()`` or ``set_detect_anomaly(True)``), as the check waits for
+    the device (a host sync in every call of a training step otherwise); never under
+    ``torch.compile``, whose graphs carry no value checks, nor for meta tensors, which hold none."""
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return False
+    return device.type == "cpu" or torch.is_anomaly_enabled()
+
+
+def check_no_nan(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise :class:`NaNInputError` naming the first of ``tensors`` (non-empty, or None) that holds
+    NaN. One reduction per tensor and one host transfer when none does."""
+    items = [(name, t.detach()) for name, t in tensors.items() if t is not None]
+    # max() propagates NaN at a fraction of isnan().any()'s cost on large CPU tensors
+    if not bool(torch.stack([t.max().float() for _, t in items]).isnan().any()):
+        return
+    for name, value in items:
+        if bool(torch.isnan(value).any()):
+            raise NaNInputError(name)

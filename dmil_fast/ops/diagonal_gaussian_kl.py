@@ -16,7 +16,8 @@ import torch
 from ..kernels import accumulation_dtype
 from ..reference.gaussian import diagonal_gaussian_kl_ref
 from ._dispatch import choose_backend, register
-from ._validate import check_choice, check_same_device, check_same_dtype, check_same_shape, check_tensor
+from ._validate import (check_choice, check_no_nan, check_same_device, check_same_dtype, check_same_shape,
+                        check_tensor, values_checked)
 from .gaussian_sample import backends_of
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -123,6 +124,10 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
     Returns:
         () for "mean"/"sum", (...,) for "none"; q_mu's dtype (sums accumulate in float32).
 
+    NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
+    torch.compile graph.
+
     Equivalent PyTorch::
 
         d = q_logvar - p_logvar
@@ -137,6 +142,8 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
     p_logvar_t = _prior("p_logvar", p_logvar, q_mu)
     check_same_dtype(q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu_t, p_logvar=p_logvar_t)
     device = check_same_device(q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu_t, p_logvar=p_logvar_t)
+    if values_checked(device):
+        check_no_nan(q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu_t, p_logvar=p_logvar_t)
     chosen = choose_backend("diagonal_gaussian_kl", backend, device, q_mu.dtype)
     if chosen == "reference":
         return diagonal_gaussian_kl_ref(q_mu, q_logvar, p_mu, p_logvar, reduction)

@@ -20,7 +20,8 @@ import torch
 from ..reference.gaussian import gaussian_sample_ref
 from ._dispatch import (OpBackends, choose_backend, cpp_device_reason, cuda_device_reason, dtype_reason,
                         register, triton_device_reason)
-from ._validate import check_same_device, check_same_dtype, check_same_shape, check_tensor
+from ._validate import (check_no_nan, check_same_device, check_same_dtype, check_same_shape, check_tensor,
+                        values_checked)
 
 # bfloat16 is left out on the CPU: the interpreter casts to it by truncation, not to nearest even
 TRITON_DTYPES_CPU = (torch.float16, torch.float32, torch.float64)
@@ -131,6 +132,10 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[in
         z: (..., E), dtype and device of ``mu``, computed in float32 (float64 for float64).
         The Triton draw is a function of (seed, b * E + e) over the logical (B, E) view only.
 
+    NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
+    torch.compile graph.
+
     Equivalent PyTorch::
 
         eps = torch.randn_like(mu)
@@ -142,6 +147,8 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[in
     check_same_dtype(mu=mu, logvar=logvar)
     device = check_same_device(mu=mu, logvar=logvar)
     check_seed(seed)
+    if values_checked(device):
+        check_no_nan(mu=mu, logvar=logvar)
     chosen = choose_backend("gaussian_sample", backend, device, mu.dtype)
     if chosen == "reference":
         return gaussian_sample_ref(mu, logvar, generator=seeded_generator(seed, device))

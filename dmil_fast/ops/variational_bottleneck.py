@@ -19,7 +19,7 @@ import torch
 from ..kernels import accumulation_dtype
 from ..reference.gaussian import variational_bottleneck_grouped_ref, variational_bottleneck_ref
 from ._dispatch import choose_backend, register
-from ._validate import check_same_device, check_same_dtype, check_tensor
+from ._validate import check_no_nan, check_same_device, check_same_dtype, check_tensor, values_checked
 from .gaussian_sample import backends_of, check_seed, seed_tensor, seeded_generator
 
 register(backends_of("variational_bottleneck"))
@@ -111,7 +111,10 @@ def _validate(x, weight, bias, groups, sample, seed, recompute) -> torch.device:
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     check_seed(seed)
-    return check_same_device(x=x, weight=weight, bias=bias)
+    device = check_same_device(x=x, weight=weight, bias=bias)
+    if values_checked(device):
+        check_no_nan(x=x, weight=weight, bias=bias)
+    return device
 
 
 def _op_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
@@ -172,6 +175,10 @@ def variational_bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         z, mu, logvar: (B, E) in x's dtype (mu and logvar are views of h; z is mu when not
         sampling); kl: () the mean over (B, E) of KL(N(mu, exp(logvar)) || N(0, I)), x's dtype.
 
+    NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
+    torch.compile graph.
+
     Equivalent PyTorch::
 
         h = torch.nn.functional.linear(x, weight, bias)
@@ -205,6 +212,10 @@ def variational_bottleneck_grouped(x: torch.Tensor, weight: torch.Tensor, bias: 
 
     Returns:
         z, mu, logvar: (B, G, E) (mu, logvar views of h); kl: (G,) each head's mean KL to N(0, I).
+
+    NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
+    torch.compile graph.
 
     Equivalent PyTorch::
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._settings import check_device
+from ..ops._validate import NaNInputError
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import DMILConfig
 from .data import FeatureData
@@ -214,7 +215,11 @@ class Trainer(ResumableTraining):
         """One optimisation step on a batch -> (loss value, outputs)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            outputs = self.net(x1, x2)
+            try:
+                outputs = self.net(x1, x2)
+            except NaNInputError as error:  # the features were checked on load: the weights diverged
+                raise FloatingPointError(f"training diverged at epoch {self.epoch} (stage {self.stage}): the "
+                                         f"{error.argument} of an op in the model's forward holds NaN") from error
             loss, _ = self.compute_loss(outputs, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at epoch {self.epoch} (stage {self.stage})")
