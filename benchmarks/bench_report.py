@@ -141,6 +141,16 @@ def cpu_name() -> str:
     return f"{name} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads)"
 
 
+def cpu_kernel_isa() -> Optional[str]:
+    """The instruction set of the C++ CPU scoring kernels in this session (None without them)."""
+    try:
+        from dmil_fast import _C
+    except ImportError:
+        return None
+    env = os.environ.get("DMIL_FAST_CPU_ISA")
+    return _C.cpu_kernel_isas()[0] if env in (None, "", "auto") else env
+
+
 def machine_description() -> Dict[str, object]:
     """Device name (the GPU's when there is one), date, commit and library versions."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -148,6 +158,7 @@ def machine_description() -> Dict[str, object]:
         "device": gpu if gpu else f"cpu-{platform.machine()}",
         "gpu": gpu,
         "cpu": cpu_name(),
+        "cpu_kernel_isa": cpu_kernel_isa(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
         "torch": torch.__version__,

@@ -2,6 +2,8 @@
 // TORCH_LIBRARY in their own folders; importing this module runs those registrations.
 #include <torch/extension.h>
 
+#include "interaction_scores/interaction_scores.h"
+
 namespace {
 
 bool built_with_cuda() {
@@ -19,4 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &built_with_cuda,
         "True when the CUDA kernels were compiled into this extension");
   m.attr("torch_version") = TORCH_VERSION;
+  m.def("cpu_kernel_isas", &dmil_fast::interaction::cpu_kernel_isas,
+        "Instruction sets of the float CPU scoring kernels that this CPU runs, best first; the "
+        "first is used unless the environment variable DMIL_FAST_CPU_ISA names another");
 }

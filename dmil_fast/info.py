@@ -26,6 +26,23 @@ def _version(module_name: str) -> Optional[str]:
     return getattr(module, "__version__", "unknown")
 
 
+ISA_ENV_VAR = "DMIL_FAST_CPU_ISA"
+
+
+def _cpu_kernel_isa() -> Optional[str]:
+    """The instruction set of the float C++ CPU kernels (the best this CPU runs, or the one
+    DMIL_FAST_CPU_ISA names) and the ones it runs; None without the extension."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    isas = list(_C.cpu_kernel_isas())
+    env = os.environ.get(ISA_ENV_VAR)
+    chosen = isas[0] if env in (None, "", "auto") else env
+    problem = "" if chosen in isas else f" ({ISA_ENV_VAR}={env!r} is not one of them: the C++ CPU kernels refuse to run)"
+    return f"{chosen} (this CPU runs {', '.join(isas)}){problem}"
+
+
 def collect() -> Dict[str, object]:
     """Everything ``info`` prints, as a JSON-serialisable dict."""
     import dmil_fast
@@ -44,6 +61,7 @@ def collect() -> Dict[str, object]:
         "backend_env": os.environ.get(_dispatch.ENV_VAR),
         "extension": "loaded" if ext_reason is None else ext_reason,
         "extension_with_cuda": _dispatch.extension_built_with_cuda(),
+        "cpu_kernel_isa": _cpu_kernel_isa() if ext_reason is None else None,
     }
     env = report["backend_env"]
     if env and env not in _dispatch.BACKENDS:
@@ -66,7 +84,8 @@ def collect() -> Dict[str, object]:
 def format_report(report: Dict[str, object]) -> str:
     lines = ["dmil_fast " + str(report["dmil_fast"])]
     keys = ["python", "platform", "torch", "torch_cuda", "cuda_available", "cuda_device", "triton", "numpy",
-            "triton_interpret", "backend_env", "backend_env_problem", "extension", "extension_with_cuda"]
+            "triton_interpret", "backend_env", "backend_env_problem", "extension", "extension_with_cuda",
+            "cpu_kernel_isa"]
     for key in keys:
         if key in report:
             lines.append(f"  {key:20s} {report[key]}")

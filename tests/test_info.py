@@ -30,3 +30,18 @@ def test_a_backend_variable_that_names_no_backend_is_flagged(monkeypatch):
     assert "backend_env_problem" in info.format_report(report)
     monkeypatch.setenv("DMIL_FAST_BACKEND", "cpp")
     assert "backend_env_problem" not in info.collect()
+
+
+def test_the_cpu_kernel_clone_reported_is_the_one_the_variable_names(monkeypatch):
+    if _dispatch.extension_status() is not None:
+        assert info.collect()["cpu_kernel_isa"] is None
+        return
+    from dmil_fast import _C
+
+    isas = _C.cpu_kernel_isas()
+    monkeypatch.delenv("DMIL_FAST_CPU_ISA", raising=False)
+    assert info.collect()["cpu_kernel_isa"].startswith(f"{isas[0]} (this CPU runs {', '.join(isas)})")
+    monkeypatch.setenv("DMIL_FAST_CPU_ISA", "portable")
+    assert info.collect()["cpu_kernel_isa"].startswith("portable (")
+    monkeypatch.setenv("DMIL_FAST_CPU_ISA", "sse9")
+    assert "'sse9' is not one of them" in info.collect()["cpu_kernel_isa"]

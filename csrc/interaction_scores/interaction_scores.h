@@ -18,11 +18,18 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace dmil_fast {
 namespace interaction {
 
 enum Redundancy : int64_t { kLsmi = 0, kMmi = 1 };
+
+// The instruction sets of the float CPU kernels this CPU runs, best first ("avx512", "avx2",
+// "portable"); the first is used unless DMIL_FAST_CPU_ISA names another. Defined in
+// interaction_scores_cpu.cpp.
+std::vector<std::string> cpu_kernel_isas();
 
 constexpr int kNumScores = 7;
 constexpr int kNumRows = 3;

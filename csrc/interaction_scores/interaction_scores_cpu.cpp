@@ -12,10 +12,11 @@
 // The logs of the tile's 3 kTile sums are taken in one vector loop, then each sample is finished
 // (label logit, prior, decomposition). The backward writes -g exp(x - lse) over the rows, for few
 // classes over a whole tile as one flat array, then adds g at the label.
-// The kernels (cpu_tiles.inc over cpu_vec_math.inc: 8-lane vectors for float, std::exp and
-// std::log for double) are compiled twice, portable and, on x86-64, for AVX2 + FMA; the clone is
-// picked once per call, and a thread runs a whole block of rows in it. Blocks of rows are split
-// across threads with at::parallel_for.
+// The kernels (cpu_tiles.inc over cpu_vec_math.inc: float vectors, std::exp and std::log for
+// double) are compiled portable (8 lanes) and, on x86-64, for AVX2 + FMA (8 lanes) and AVX-512
+// (16 lanes); the best clone the CPU runs is picked once per call (DMIL_FAST_CPU_ISA can name
+// another), and a thread runs a whole block of rows in it. Blocks of rows are split across
+// threads with at::parallel_for.
 #include "interaction_scores/interaction_scores.h"
 
 #include <ATen/ATen.h>
@@ -26,15 +27,22 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__GNUC__)
 #define DMIL_FAST_VECTOR_EXT 1  // GCC/Clang vector extension
 #endif
+#if defined(DMIL_FAST_VECTOR_EXT) && defined(__x86_64__)
+#include <immintrin.h>  // the AVX-512 clone's intrinsics (each carries its own target)
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
-// 32-byte vectors passed by value between always-inline helpers: no call, so no ABI to change.
+// 32- and 64-byte vectors passed by value between always-inline helpers: no call, so no ABI to
+// change.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -49,7 +57,8 @@ constexpr int64_t kTile = 64;  // samples per tile
 constexpr int64_t kSmallCols = 32;
 constexpr int64_t kFlatCols = 32;
 constexpr int64_t kChunk = 2048;  // columns per log-sum-exp step: a re-summed chunk stays in L1
-static_assert(kSmallCols >= 8 && kFlatCols >= 8, "the row loops need rows of >= 8 columns");
+static_assert(kSmallCols >= 16 && kFlatCols >= 16, "the row loops need rows of >= 16 columns");
+static_assert(kTile % 16 == 0, "a tile is whole vectors of samples");
 
 template <typename T>
 struct ForwardArgs {
@@ -81,6 +90,7 @@ struct BackwardArgs {
   int64_t n_cols;
 };
 
+#define DMIL_FAST_LANES 8
 namespace portable {
 #include "interaction_scores/cpu_vec_math.inc"
 #include "interaction_scores/cpu_tiles.inc"
@@ -108,27 +118,112 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
+// The AVX-512 clone: 16 lanes, the same exp and log lane by lane.
+#undef DMIL_FAST_LANES
+#define DMIL_FAST_LANES 16
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#pragma GCC optimize("fp-contract=fast")
 #endif
+namespace avx512 {
+#define DMIL_FAST_AVX512_BODY 1  // lets cpu_vec_math.inc use AVX-512 intrinsics
+#include "interaction_scores/cpu_vec_math.inc"
+#include "interaction_scores/cpu_tiles.inc"
+#undef DMIL_FAST_AVX512_BODY
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+#undef DMIL_FAST_LANES
+
+// The instruction sets of the float kernels, best first.
+enum class Isa { kAvx512, kAvx2, kPortable };
+constexpr const char* kIsaEnv = "DMIL_FAST_CPU_ISA";
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+// The clones this CPU runs, best first (portable always).
+const std::vector<Isa>& supported_isas() {
+  static const std::vector<Isa> isas = [] {
+    std::vector<Isa> found;
+#ifdef DMIL_FAST_AVX2_CLONE
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && __builtin_cpu_supports("avx512f")) {
+      found.push_back(Isa::kAvx512);
+    }
+    if (avx2) {
+      found.push_back(Isa::kAvx2);
+    }
+#endif
+    found.push_back(Isa::kPortable);
+    return found;
+  }();
+  return isas;
+}
 
 template <typename T>
 using ForwardBlock = void (*)(const ForwardArgs<T>&, int64_t, int64_t);
 template <typename T>
 using BackwardBlock = void (*)(const BackwardArgs<T>&, int64_t, int64_t);
 
+// The clone of this call: the best one, or the one DMIL_FAST_CPU_ISA names (read at every call,
+// so that a test or a benchmark can compare the clones in one process).
+Isa chosen_isa() {
+  const std::vector<Isa>& isas = supported_isas();
+  const char* env = std::getenv(kIsaEnv);
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
+    return isas.front();
+  }
+  std::string known;
+  for (const Isa isa : isas) {
+    if (std::strcmp(env, isa_name(isa)) == 0) {
+      return isa;
+    }
+    known += std::string(", ") + isa_name(isa);
+  }
+  TORCH_CHECK(false, kIsaEnv, "=", env, " is not an instruction set of the CPU kernels that this "
+              "CPU runs; expected auto", known);
+}
+
+// The float kernel of the chosen clone among the three given.
+template <typename Fn>
+Fn pick_clone(Fn with_avx512, Fn with_avx2, Fn portable_fn) {
+  switch (chosen_isa()) {
+    case Isa::kAvx512:
+      return with_avx512;
+    case Isa::kAvx2:
+      return with_avx2;
+    default:
+      return portable_fn;
+  }
+}
+
 template <typename T>
 ForwardBlock<T> pick_forward() {
 #ifdef DMIL_FAST_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma()) {
-      return &avx2::forward_block<float>;
-    }
+    return pick_clone<ForwardBlock<float>>(&avx512::forward_block<float>, &avx2::forward_block<float>,
+                                           &portable::forward_block<float>);
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    (void)chosen_isa();  // only the portable clone here: a variable naming another is an error
   }
 #endif
   return &portable::forward_block<T>;
@@ -138,9 +233,13 @@ template <typename T>
 BackwardBlock<T> pick_backward() {
 #ifdef DMIL_FAST_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma()) {
-      return &avx2::backward_block<float>;
-    }
+    return pick_clone<BackwardBlock<float>>(&avx512::backward_block<float>,
+                                            &avx2::backward_block<float>,
+                                            &portable::backward_block<float>);
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    (void)chosen_isa();  // only the portable clone here: a variable naming another is an error
   }
 #endif
   return &portable::backward_block<T>;
@@ -240,6 +339,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
 }
 
 }  // namespace
+
+std::vector<std::string> cpu_kernel_isas() {
+  std::vector<std::string> names;
+  for (const Isa isa : supported_isas()) {
+    names.emplace_back(isa_name(isa));
+  }
+  return names;
+}
+
 }  // namespace interaction
 }  // namespace dmil_fast
 

@@ -1,10 +1,15 @@
 """Every code path of the C++ CPU interaction_scores kernel against the float64 PyTorch oracle.
 
 The kernel takes samples in tiles of 64; up to 32 classes it transposes a tile (forward) or takes
-it as one flat array (backward), above that it walks each row in 8-float vectors with a ragged last
-vector, over log-sum-exp chunks of 2048 columns summed under a shift from the row's first vector. The class counts and batch sizes below sit
-at and around each of those boundaries; float64 runs the scalar build of the same kernels.
+it as one flat array (backward), above that it walks each row in float vectors (8 lanes, 16 in the
+AVX-512 clone; two at a time) with a ragged last vector, over log-sum-exp chunks of 2048 columns
+summed under a shift from the row's first vector. The class counts and batch sizes below sit at
+and around each of those boundaries; float64 runs the scalar build of the same kernels. Every
+float test runs once per instruction-set clone this CPU has (``DMIL_FAST_CPU_ISA``).
 """
+
+import os
+import platform
 
 import pytest
 import torch
@@ -12,7 +17,23 @@ import torch
 import dmil_fast as dm
 from dmil_fast.reference.interactions import interaction_scores_ref
 
-CLASS_COUNTS = (1, 7, 8, 9, 31, 32, 33, 2047, 2048, 2049)
+
+def _isas():
+    try:
+        from dmil_fast import _C
+    except ImportError:  # _require_cpp fails every test with the reason
+        return ["auto"]
+    return _C.cpu_kernel_isas()
+
+
+@pytest.fixture(autouse=True, params=_isas())
+def isa(request, monkeypatch):
+    """The clone of the float kernels under test (float64 has one build: the portable one)."""
+    monkeypatch.setenv("DMIL_FAST_CPU_ISA", request.param)
+    return request.param
+
+
+CLASS_COUNTS = (1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 2047, 2048, 2049)
 BATCH_SIZES = (1, 63, 64, 65, 129)
 DTYPES = (torch.float32, torch.float64)
 FIELDS = ("pmi_1", "pmi_2", "pmi_12", "redundancy", "unique_1", "unique_2", "synergy")
@@ -163,7 +184,7 @@ def test_two_threads_equal_one_thread(c, dtype):
 
 
 # Rows of more than 32 classes are summed under a shift: the larger of the maximum of the row's
-# first vector (8 floats; 1 double) and the label's logit, kept while no chunk's maximum lies more
+# first vector (8 or 16 floats; 1 double) and the label's logit, kept while no chunk's maximum lies more
 # than 8 above it, else the chunk is summed again under its maximum. (C, column of a bump, its
 # height above the row's logits): a bump past the first vector, in the ragged tail, in a later
 # chunk; just under the threshold and well over it (the chunk summed again, the running sum
@@ -252,3 +273,23 @@ def test_two_pass_rows_count_a_maximum_in_the_ragged_end(c):
     labels = torch.zeros(5, dtype=torch.long)
     _, lse = torch.ops.dmil_fast.interaction_scores(*logits, labels, None, None, None, 1)
     torch.testing.assert_close(lse.t(), torch.logsumexp(logits.double(), -1), rtol=1e-6, atol=1e-5)
+
+
+def test_the_clones_listed_are_those_this_cpu_runs():
+    _require_cpp()
+    from dmil_fast import _C
+
+    isas = _C.cpu_kernel_isas()
+    assert isas[-1] == "portable" and len(set(isas)) == len(isas)
+    if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        has_avx2 = "avx2" in flags and "fma" in flags
+        assert ("avx2" in isas) == has_avx2
+        assert ("avx512" in isas) == (has_avx2 and "avx512f" in flags)
+
+
+def test_an_unknown_clone_name_is_an_error_naming_the_variable(monkeypatch):
+    _require_cpp()
+    monkeypatch.setenv("DMIL_FAST_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match=r"DMIL_FAST_CPU_ISA=sse9 .*expected auto, .*portable"):
+        dm.ops.interaction_scores(**_case(4, 40, torch.float32), backend="cpp")
