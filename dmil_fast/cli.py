@@ -27,7 +27,9 @@ or a plain state_dict file.
 Bad input (missing files, inconsistent arrays, NaN features, empty splits, unreadable media,
 corrupt checkpoints, bad settings) is reported as ``error: ...`` on stderr with exit status 2
 before any training starts (a media file that fails to decode mid-epoch: when it is read,
-naming the sample and file). Set ``DMIL_FAST_DEBUG=1`` to get the traceback instead.
+naming the sample and file). A run whose model became NaN (a diverged training) stops with
+``error: training diverged at epoch ...`` and exit status 1; the checkpoints written before it
+stay. Set ``DMIL_FAST_DEBUG=1`` to get the traceback instead.
 """
 
 from __future__ import annotations

@@ -183,7 +183,8 @@ template <typename T>
 using BackwardBlock = void (*)(const BackwardArgs<T>&, int64_t, int64_t);
 
 // The clone of this call: the best one, or the one DMIL_FAST_CPU_ISA names (read at every call,
-// so that a test or a benchmark can compare the clones in one process).
+// so that a test or a benchmark can compare the clones in one process; set it before other
+// threads call the op, as getenv does not guard against a concurrent change of the environment).
 Isa chosen_isa() {
   const std::vector<Isa>& isas = supported_isas();
   const char* env = std::getenv(kIsaEnv);
@@ -201,10 +202,10 @@ Isa chosen_isa() {
               "CPU runs; expected auto", known);
 }
 
-// The float kernel of the chosen clone among the three given.
+// The float kernel of clone `isa` among the three given.
 template <typename Fn>
-Fn pick_clone(Fn with_avx512, Fn with_avx2, Fn portable_fn) {
-  switch (chosen_isa()) {
+Fn pick_clone(Isa isa, Fn with_avx512, Fn with_avx2, Fn portable_fn) {
+  switch (isa) {
     case Isa::kAvx512:
       return with_avx512;
     case Isa::kAvx2:
@@ -214,34 +215,33 @@ Fn pick_clone(Fn with_avx512, Fn with_avx2, Fn portable_fn) {
   }
 }
 
+// The variable is checked for every dtype (double has the portable build only), so that a name
+// this CPU lacks is an error whatever the inputs.
 template <typename T>
 ForwardBlock<T> pick_forward() {
+  const Isa isa = chosen_isa();
 #ifdef DMIL_FAST_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
-    return pick_clone<ForwardBlock<float>>(&avx512::forward_block<float>, &avx2::forward_block<float>,
+    return pick_clone<ForwardBlock<float>>(isa, &avx512::forward_block<float>,
+                                           &avx2::forward_block<float>,
                                            &portable::forward_block<float>);
   }
-#else
-  if constexpr (std::is_same_v<T, float>) {
-    (void)chosen_isa();  // only the portable clone here: a variable naming another is an error
-  }
 #endif
+  (void)isa;
   return &portable::forward_block<T>;
 }
 
 template <typename T>
 BackwardBlock<T> pick_backward() {
+  const Isa isa = chosen_isa();
 #ifdef DMIL_FAST_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
-    return pick_clone<BackwardBlock<float>>(&avx512::backward_block<float>,
+    return pick_clone<BackwardBlock<float>>(isa, &avx512::backward_block<float>,
                                             &avx2::backward_block<float>,
                                             &portable::backward_block<float>);
   }
-#else
-  if constexpr (std::is_same_v<T, float>) {
-    (void)chosen_isa();  // only the portable clone here: a variable naming another is an error
-  }
 #endif
+  (void)isa;
   return &portable::backward_block<T>;
 }
 

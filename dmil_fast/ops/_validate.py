@@ -79,15 +79,29 @@ class NaNInputError(ValueError):
         return type(self), (self.argument,)
 
 
-def values_checked(device: torch.device) -> bool:
-    """Whether the Gaussian ops look at their inputs' values (NaN): always for CPU tensors, where
-    the check is a read of each input; for GPU tensors only under anomaly detection
+def _values_hidden(tensors) -> bool:
+    """Whether a transform or tracer stands between the op and the values: torch.func transforms
+    (vmap's batched tensors cannot be read into a Python bool) or fake tensors (make_fx)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.maybe_current_level() is not None:
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in tensors)
+
+
+def values_checked(device: torch.device, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the Gaussian ops look at the values (NaN) of ``tensors``: always for CPU tensors,
+    where the check is a read of each input; for GPU tensors only under anomaly detection
     (``torch.autograd.detect_anomaly()`` or ``set_detect_anomaly(True)``), as the check waits for
-    the device (a host sync in every call of a training step otherwise); never under
-    ``torch.compile``, whose graphs carry no value checks, nor for meta tensors, which hold none."""
+    the device (a host sync in every call of a training step otherwise). Never under
+    ``torch.compile``, whose graphs carry no value checks, under torch.func transforms or for
+    fake tensors, nor for meta tensors, which hold no values."""
     if torch.compiler.is_compiling() or device.type == "meta":
         return False
-    return device.type == "cpu" or torch.is_anomaly_enabled()
+    if device.type != "cpu" and not torch.is_anomaly_enabled():
+        return False
+    return not _values_hidden(tensors)
 
 
 def check_no_nan(**tensors: Optional[torch.Tensor]) -> None:

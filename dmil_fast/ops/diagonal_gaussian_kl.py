@@ -125,8 +125,8 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
         () for "mean"/"sum", (...,) for "none"; q_mu's dtype (sums accumulate in float32).
 
     NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
-    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
-    torch.compile graph.
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync); never inside a
+    torch.compile graph or a torch.func transform (vmap), nor for fake tensors.
 
     Equivalent PyTorch::
 
@@ -142,7 +142,7 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
     p_logvar_t = _prior("p_logvar", p_logvar, q_mu)
     check_same_dtype(q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu_t, p_logvar=p_logvar_t)
     device = check_same_device(q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu_t, p_logvar=p_logvar_t)
-    if values_checked(device):
+    if values_checked(device, q_mu, q_logvar, p_mu_t, p_logvar_t):
         check_no_nan(q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu_t, p_logvar=p_logvar_t)
     chosen = choose_backend("diagonal_gaussian_kl", backend, device, q_mu.dtype)
     if chosen == "reference":

@@ -133,8 +133,8 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[in
         The Triton draw is a function of (seed, b * E + e) over the logical (B, E) view only.
 
     NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
-    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
-    torch.compile graph.
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync); never inside a
+    torch.compile graph or a torch.func transform (vmap), nor for fake tensors.
 
     Equivalent PyTorch::
 
@@ -147,7 +147,7 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[in
     check_same_dtype(mu=mu, logvar=logvar)
     device = check_same_device(mu=mu, logvar=logvar)
     check_seed(seed)
-    if values_checked(device):
+    if values_checked(device, mu, logvar):
         check_no_nan(mu=mu, logvar=logvar)
     chosen = choose_backend("gaussian_sample", backend, device, mu.dtype)
     if chosen == "reference":

@@ -112,7 +112,7 @@ def _validate(x, weight, bias, groups, sample, seed, recompute) -> torch.device:
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     check_seed(seed)
     device = check_same_device(x=x, weight=weight, bias=bias)
-    if values_checked(device):
+    if values_checked(device, x, weight, bias):
         check_no_nan(x=x, weight=weight, bias=bias)
     return device
 
@@ -176,8 +176,8 @@ def variational_bottleneck(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         sampling); kl: () the mean over (B, E) of KL(N(mu, exp(logvar)) || N(0, I)), x's dtype.
 
     NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
-    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
-    torch.compile graph.
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync); never inside a
+    torch.compile graph or a torch.func transform (vmap), nor for fake tensors.
 
     Equivalent PyTorch::
 
@@ -214,8 +214,8 @@ def variational_bottleneck_grouped(x: torch.Tensor, weight: torch.Tensor, bias: 
         z, mu, logvar: (B, G, E) (mu, logvar views of h); kl: (G,) each head's mean KL to N(0, I).
 
     NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
-    under ``torch.autograd.detect_anomaly()`` (the check is a host sync), never inside a
-    torch.compile graph.
+    under ``torch.autograd.detect_anomaly()`` (the check is a host sync); never inside a
+    torch.compile graph or a torch.func transform (vmap), nor for fake tensors.
 
     Equivalent PyTorch::
 

@@ -143,6 +143,11 @@ class FeatureData:
         for name, part in zip(("train", "val", "test"), s):
             if len(part) == 0:
                 raise ValueError(f"the {name} split has no samples")
+            for modality, x in (("x1", part.x1), ("x2", part.x2)):
+                finite = torch.isfinite(x).reshape(len(x), -1).all(dim=1)
+                if not bool(finite.all()):
+                    row = int((~finite).nonzero()[0, 0])
+                    raise ValueError(f"the {name} split's {modality} has NaN or inf features at row {row}")
         names = class_names or [f"class_{k}" for k in range(num_classes)]
         return cls(s[0], s[1], s[2], (int(s[0].x1.shape[1]), int(s[0].x2.shape[1])), num_classes, names,
                    type_names, "<memory>")

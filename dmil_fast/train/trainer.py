@@ -20,6 +20,7 @@ Outputs in ``out_dir`` (rank 0): ``log.csv``, ``tensorboard/``, ``checkpoints/be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -211,15 +212,22 @@ class Trainer(ResumableTraining):
             return dmil_loss(outputs, labels, stage=self.stage, config=self.config)
         return baseline_loss(outputs, labels, method=self.method)
 
+    @contextlib.contextmanager
+    def _nan_is_divergence(self):
+        """NaN reaching an op of the model's forward: the features are checked when loaded, so the
+        weights hold it (a diverged step, or the weights the run started from)."""
+        try:
+            yield
+        except NaNInputError as error:
+            raise FloatingPointError(f"training diverged at epoch {self.epoch} (stage {self.stage}): the "
+                                     f"{error.argument} of an op in the model's forward holds NaN") from error
+
     def train_step(self, x1, x2, y):
         """One optimisation step on a batch -> (loss value, outputs)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            try:
+            with self._nan_is_divergence():
                 outputs = self.net(x1, x2)
-            except NaNInputError as error:  # the features were checked on load: the weights diverged
-                raise FloatingPointError(f"training diverged at epoch {self.epoch} (stage {self.stage}): the "
-                                         f"{error.argument} of an op in the model's forward holds NaN") from error
             loss, _ = self.compute_loss(outputs, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at epoch {self.epoch} (stage {self.stage})")
@@ -285,7 +293,7 @@ class Trainer(ResumableTraining):
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for _, (x1, x2, y) in self._eval_batches(split):
-            with self.autocast():
+            with self.autocast(), self._nan_is_divergence():
                 out = self.model(x1, x2)["out"].float()
             total += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(dim=1) == y).sum()
@@ -299,7 +307,7 @@ class Trainer(ResumableTraining):
         keys = ("logits_1", "logits_2", "logits_12")
         parts = {k: [] for k in keys + ("positions",)}
         for positions, (x1, x2, _) in self._eval_batches(split):
-            with self.autocast():
+            with self.autocast(), self._nan_is_divergence():
                 out = self.model.interaction_outputs(x1, x2)
             for k in keys:
                 parts[k].append(out[k].float().cpu())

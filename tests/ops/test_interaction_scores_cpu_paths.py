@@ -293,3 +293,5 @@ def test_an_unknown_clone_name_is_an_error_naming_the_variable(monkeypatch):
     monkeypatch.setenv("DMIL_FAST_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match=r"DMIL_FAST_CPU_ISA=sse9 .*expected auto, .*portable"):
         dm.ops.interaction_scores(**_case(4, 40, torch.float32), backend="cpp")
+    with pytest.raises(RuntimeError, match=r"DMIL_FAST_CPU_ISA=sse9 "):  # double: one build, same check
+        dm.ops.interaction_scores(**_case(4, 40, torch.float64), backend="cpp")

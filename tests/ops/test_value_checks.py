@@ -100,12 +100,53 @@ def test_compiled_graphs_carry_no_value_check():
         dm.ops.diagonal_gaussian_kl(_with_nan(mu), mu, backend="reference")  # eager checks
 
 
+def test_vmap_and_fake_tensor_tracing_run_without_value_checks():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mu, lv = torch.randn(5, 4, 3), torch.randn(5, 4, 3)
+    kl = torch.func.vmap(lambda m, v: dm.ops.diagonal_gaussian_kl(m, v, backend="reference"))(mu, lv)
+    want = torch.stack([dm.ops.diagonal_gaussian_kl(m, v, backend="reference") for m, v in zip(mu, lv)])
+    torch.testing.assert_close(kl, want)
+    z = torch.func.vmap(lambda m, v: dm.ops.gaussian_sample(m, v, backend="reference"),
+                        randomness="different")(mu, lv)
+    assert z.shape == mu.shape
+    x, w = torch.randn(4, 5), torch.randn(6, 5)
+    graph = make_fx(lambda x, w: dm.ops.variational_bottleneck(x, w, None, sample=False, backend="reference"),
+                    tracing_mode="fake")(x, w)
+    torch.testing.assert_close(graph(x, w)[1], x @ w[:3].t())  # mu, through the traced graph
+    with pytest.raises(ValueError, match="x contains NaN"):  # outside them the check is back
+        dm.ops.variational_bottleneck(_with_nan(x), w, None, sample=False, backend="reference")
+
+
 def test_the_error_pickles_with_its_argument():
     import pickle
 
     error = pickle.loads(pickle.dumps(NaNInputError("weight")))
     assert isinstance(error, ValueError) and error.argument == "weight"
     assert str(error) == "weight contains NaN; expected finite values"
+
+
+def _toy_data(features=None):
+    g = torch.Generator().manual_seed(0)
+    splits = []
+    for size in (32, 16, 16):
+        y = torch.randint(0, 3, (size,), generator=g)
+        splits.append((torch.randn(size, 6, generator=g), torch.randn(size, 6, generator=g), y,
+                       np.arange(size) % 4))
+    if features is not None:
+        splits[features[0]][features[1]][features[2]] = NAN
+    return FeatureData.from_tensors(*splits, num_classes=3,
+                                    type_names=["redundancy", "unique_1", "unique_2", "synergy"])
+
+
+TOY_CONFIG = dict(embed_size=4, input_size=6, encoder_hidden=8, encoder_depth=1, batch_size=16)
+
+
+def test_nan_features_in_memory_are_refused_naming_split_modality_and_row():
+    with pytest.raises(ValueError, match=r"^the val split's x2 has NaN or inf features at row 3$"):
+        _toy_data(features=(1, 1, (3, 0)))
+    with pytest.raises(ValueError, match=r"^the train split's x1 has NaN or inf features at row 7$"):
+        _toy_data(features=(0, 0, (7, 5)))
 
 
 class _DivergingTrainer(Trainer):
@@ -120,17 +161,8 @@ class _DivergingTrainer(Trainer):
 
 
 def test_a_diverged_model_stops_training_with_the_epoch_and_keeps_its_checkpoint(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    splits = []
-    for size in (32, 16, 16):
-        y = torch.randint(0, 3, (size,), generator=g)
-        splits.append((torch.randn(size, 6, generator=g), torch.randn(size, 6, generator=g), y,
-                       np.arange(size) % 4))
-    data = FeatureData.from_tensors(*splits, num_classes=3,
-                                    type_names=["redundancy", "unique_1", "unique_2", "synergy"])
-    config = DMILConfig(n_epochs=3, stage1_epochs=3, stage2_epochs=0, embed_size=4, input_size=6,
-                        encoder_hidden=8, encoder_depth=1, batch_size=16)
-    trainer = _DivergingTrainer(data, config, method="dmil", out_dir=tmp_path, echo=None)
+    config = DMILConfig(n_epochs=3, stage1_epochs=3, stage2_epochs=0, **TOY_CONFIG)
+    trainer = _DivergingTrainer(_toy_data(), config, method="dmil", out_dir=tmp_path, echo=None)
     with pytest.raises(FloatingPointError,
                        match=r"^training diverged at epoch 2 \(stage 1\): the \w+ of an op in the "
                              r"model's forward holds NaN$") as caught:
@@ -139,3 +171,21 @@ def test_a_diverged_model_stops_training_with_the_epoch_and_keeps_its_checkpoint
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+class _DivergingInLastStep(Trainer):
+    """Its weights become NaN in the epoch's last step: validation is the first to see them."""
+
+    def train_epoch(self):
+        result = super().train_epoch()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(NAN)
+        return result
+
+
+def test_weights_that_became_nan_in_the_last_step_stop_validation_as_a_divergence(tmp_path):
+    config = DMILConfig(n_epochs=2, stage1_epochs=2, stage2_epochs=0, **TOY_CONFIG)
+    trainer = _DivergingInLastStep(_toy_data(), config, method="dmil", out_dir=tmp_path, echo=None)
+    with pytest.raises(FloatingPointError, match=r"^training diverged at epoch 1 \(stage 1\): the \w+ of an op"):
+        trainer.fit()
