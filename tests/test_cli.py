@@ -344,6 +344,11 @@ def test_score_takes_a_plain_state_dict_of_the_official_model(tiny, tmp_path, ca
         column = torch.tensor([float(r[field]) for r in got], dtype=torch.float64)
         torch.testing.assert_close(column, getattr(want, name).double(), rtol=0, atol=5e-7)
         assert not any(r[field].startswith("-0.000000") for r in got), field
+    with torch.no_grad():
+        model.IB_m1_tr.fc.weight.fill_(float("nan"))  # e.g. the last checkpoint of a diverged run
+    torch.save(model.state_dict(), tmp_path / "nan.pt")
+    _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "n"),
+              "--device", "cpu"], capsys, "nan.pt holds NaN weights", "of an op in the model's forward is NaN")
     other = dm.DMILModel(None, None, embed_size=8, num_class=3, input_size=8, stage=3, synergy_hidden=4)
     torch.save(other.state_dict(), tmp_path / "other.pt")
     _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")],

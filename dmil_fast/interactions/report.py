@@ -22,6 +22,7 @@ import torch
 
 from .._settings import check_device, check_out_dir
 from ..ops import BackendUnavailableError, InteractionScores
+from ..ops._validate import NaNInputError
 
 DEFAULT_TYPE_NAMES = ("redundancy", "unique_1", "unique_2", "synergy")
 SPLIT_NAMES = ("train", "val", "test")
@@ -335,6 +336,9 @@ def _score_and_report(args, *, epochs, batch_size: int, seed: int, device: torch
                 probe = model.interaction_outputs(first[0][None].to(device), first[1][None].to(device))
         except BackendUnavailableError:
             raise
+        except NaNInputError as exc:
+            raise ValueError(f"checkpoint {args.model} holds NaN weights: the {exc.argument} of an op in "
+                             "the model's forward is NaN (a diverged training?)") from None
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {args.model} does not accept the features of {args.data} "
                              f"(dims {data.dims}): {exc}") from None
