@@ -51,9 +51,34 @@ def test_bench_interaction_scores(benchmark, copy_bandwidth, mode, device, dtype
     if provider == "compile" and device == "cpu" and shape != CPU_COMPILE_SHAPE:
         pytest.skip(f"on CPU torch.compile is measured at one shape, B={CPU_COMPILE_SHAPE[0]} "
                     f"C={CPU_COMPILE_SHAPE[1]} (compile time); the CUDA run measures every shape")
+    _bench(benchmark, copy_bandwidth, mode, device, dtype, shape, provider, _scorer(provider))
+
+
+def _cpu_clones():
+    try:
+        from dmil_fast import _C
+    except ImportError:
+        return []
+    return list(_C.cpu_kernel_isas())
+
+
+CLONE_SHAPES = [(4096, 309), (4096, 1000)]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", CLONE_SHAPES, ids=lambda s: f"B{s[0]}xC{s[1]}")
+@pytest.mark.parametrize("clone", _cpu_clones() or ["none"])
+def test_bench_interaction_scores_cpu_clones(benchmark, copy_bandwidth, monkeypatch, clone, shape, mode):
+    """The C++ CPU kernel's instruction-set clones side by side (``DMIL_FAST_CPU_ISA``), provider
+    ``cpp-<clone>``: what AVX-512 and AVX2 give over the portable build on this CPU."""
+    skip_unless_available(OP, "cpp", "cpu", torch.float32, benchmark)
+    monkeypatch.setenv("DMIL_FAST_CPU_ISA", clone)
+    _bench(benchmark, copy_bandwidth, mode, "cpu", torch.float32, shape, f"cpp-{clone}", _scorer("cpp"))
+
+
+def _bench(benchmark, copy_bandwidth, mode, device, dtype, shape, provider, score):
     b, c = shape
     label(benchmark, op=OP, variant=mode, provider=provider, shape=f"B={b} C={c}", dtype=dtype, device=device)
-    score = _scorer(provider)
     gen = torch.Generator(device=device).manual_seed(0)
     logits = [(2.0 * torch.randn(b, c, device=device, generator=gen)).to(dtype) for _ in range(3)]
     labels = torch.randint(0, c, (b,), device=device, generator=gen)
