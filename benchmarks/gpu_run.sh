@@ -5,7 +5,8 @@
 #            DMIL step and LSMI scoring, each saving its results JSON, then
 #            benchmarks/activation_memory.py (its table appended to bench-step.log); then
 #            bench_targets.py judges them
-#   tests    the test suite on the GPU (pytest-xdist when installed), with the time that is left
+#   tests    the test suite on the GPU (pytest-xdist when installed), with the time that is left;
+#            tests/ops, nn, interactions and train first
 #
 #   DMIL_FAST_COMMIT=<sha> bash benchmarks/gpu_run.sh OUT_DIR [build] [bench] [tests]
 #                                                                 (default: all three, in this order)
@@ -83,7 +84,16 @@ for phase in $phases; do
         say "tests"
         xdist=()
         if "$py" -c "import xdist" 2>/dev/null; then xdist=(-n "${GPU_RUN_WORKERS:-8}"); fi
-        pytest_phase tests "${GPU_RUN_TESTS_S:-90}" "$out/tests.log" -q -p no:cacheprovider "${xdist[@]}" tests
+        # The folders with GPU paths first, so that a phase cut short by its time limit has run
+        # those; then every other folder and test file of tests/.
+        order=(tests/ops tests/nn tests/interactions tests/train)
+        for path in tests/*; do
+            case " ${order[*]} " in *" $path "*) continue ;; esac
+            if [ -d "$path" ] && [ "${path##*/}" != __pycache__ ]; then order+=("$path")
+            elif [[ "$path" == tests/test_*.py ]]; then order+=("$path"); fi
+        done
+        pytest_phase tests "${GPU_RUN_TESTS_S:-90}" "$out/tests.log" -q -p no:cacheprovider "${xdist[@]}" \
+            "${order[@]}"
         tail -n 15 "$out/tests.log"
         ;;
     bench)
