@@ -28,8 +28,8 @@ Bad input (missing files, inconsistent arrays, NaN features, empty splits, unrea
 corrupt checkpoints, bad settings) is reported as ``error: ...`` on stderr with exit status 2
 before any training starts (a media file that fails to decode mid-epoch: when it is read,
 naming the sample and file). A run whose model became NaN (a diverged training) stops with
-``error: training diverged at epoch ...`` and exit status 1; the checkpoints written before it
-stay. Set ``DMIL_FAST_DEBUG=1`` to get the traceback instead.
+``error: training diverged at epoch ...`` (an op of the model met NaN) or ``error: training loss
+became nan at epoch ...`` and exit status 1; the checkpoints written before it stay. Set ``DMIL_FAST_DEBUG=1`` to get the traceback instead.
 """
 
 from __future__ import annotations

@@ -349,6 +349,12 @@ def test_score_takes_a_plain_state_dict_of_the_official_model(tiny, tmp_path, ca
     torch.save(model.state_dict(), tmp_path / "nan.pt")
     _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "n"),
               "--device", "cpu"], capsys, "nan.pt holds NaN weights", "of an op in the model's forward is NaN")
+    with torch.no_grad():  # NaN past every op that checks values (as any NaN weight on a GPU)
+        model.IB_m1_tr.fc.weight.normal_()
+        model.cross_modality.fc_out.weight.fill_(float("nan"))
+    torch.save(model.state_dict(), tmp_path / "nan_out.pt")
+    _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "nan_out.pt"), "--out", str(tmp_path / "m"),
+              "--device", "cpu"], capsys, "nan_out.pt holds NaN or infinite weights", "are not finite")
     other = dm.DMILModel(None, None, embed_size=8, num_class=3, input_size=8, stage=3, synergy_hidden=4)
     torch.save(other.state_dict(), tmp_path / "other.pt")
     _refused(["score", "--data", str(tiny), "--model", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x")],

@@ -342,6 +342,10 @@ def _score_and_report(args, *, epochs, batch_size: int, seed: int, device: torch
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {args.model} does not accept the features of {args.data} "
                              f"(dims {data.dims}): {exc}") from None
+        if not all(bool(torch.isfinite(probe[k]).all()) for k in ("logits_1", "logits_2", "logits_12")):
+            # on a GPU the ops do not look at values (no NaNInputError): the outputs tell
+            raise ValueError(f"checkpoint {args.model} holds NaN or infinite weights: its logits on the first "
+                             f"sample of {args.data} are not finite (a diverged training?)")
         classes = probe["logits_12"].shape[1]
         if classes != data.num_classes:
             raise ValueError(f"checkpoint {args.model} predicts {classes} classes, but {args.data} has "

@@ -1,7 +1,8 @@
 """diagonal_gaussian_kl: KL(N(q_mu, exp(q_logvar)) || N(p_mu, exp(p_logvar))) of diagonal Gaussians.
 
 Backends: ``reference`` (PyTorch) and ``triton`` (one kernel writes per-row partial sums in
-float32, one elementwise kernel gives the gradients of all four tensors). No C++/CUDA kernel.
+float32, float64 for float64 inputs; one elementwise kernel gives the gradients of all four
+tensors). No C++/CUDA kernel.
 The Triton backend is a ``torch.library.custom_op`` (not ``triton_op``; see
 ``dmil_fast/ops/gaussian_sample.py`` for why).
 """
@@ -122,7 +123,7 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
         backend: None (automatic), "reference" or "triton" ("cpp"/"cuda": no kernel).
 
     Returns:
-        () for "mean"/"sum", (...,) for "none"; q_mu's dtype (sums accumulate in float32).
+        () for "mean"/"sum", (...,) for "none"; q_mu's dtype (sums accumulate in float32; float64 for float64).
 
     NaN in a tensor argument raises a ValueError naming it, on CPU tensors; on GPU tensors only
     under ``torch.autograd.detect_anomaly()`` (the check is a host sync); never inside a
