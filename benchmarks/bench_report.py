@@ -147,8 +147,10 @@ def cpu_kernel_isa() -> Optional[str]:
         from dmil_fast import _C
     except ImportError:
         return None
-    env = os.environ.get("DMIL_FAST_CPU_ISA")
-    return _C.cpu_kernel_isas()[0] if env in (None, "", "auto") else env
+    try:
+        return _C.cpu_kernel_isa()
+    except RuntimeError:  # DMIL_FAST_CPU_ISA names a clone this CPU lacks: the cpp cases fail
+        return os.environ.get("DMIL_FAST_CPU_ISA")
 
 
 def machine_description() -> Dict[str, object]:

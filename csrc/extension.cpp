@@ -24,4 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_isas", &dmil_fast::interaction::cpu_kernel_isas,
         "Instruction sets of the float CPU scoring kernels that this CPU runs, best first; the "
         "first is used unless the environment variable DMIL_FAST_CPU_ISA names another");
+  m.def("cpu_kernel_isa", &dmil_fast::interaction::cpu_kernel_isa,
+        "The instruction set a call of the float CPU scoring kernels uses now (RuntimeError when "
+        "DMIL_FAST_CPU_ISA names one this CPU lacks)");
 }

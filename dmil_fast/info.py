@@ -36,11 +36,12 @@ def _cpu_kernel_isa() -> Optional[str]:
         from . import _C
     except ImportError:
         return None
-    isas = list(_C.cpu_kernel_isas())
-    env = os.environ.get(ISA_ENV_VAR)
-    chosen = isas[0] if env in (None, "", "auto") else env
-    problem = "" if chosen in isas else f" ({ISA_ENV_VAR}={env!r} is not one of them: the C++ CPU kernels refuse to run)"
-    return f"{chosen} (this CPU runs {', '.join(isas)}){problem}"
+    runs = f"(this CPU runs {', '.join(_C.cpu_kernel_isas())})"
+    try:
+        return f"{_C.cpu_kernel_isa()} {runs}"
+    except RuntimeError:  # the variable names a clone this CPU lacks
+        env = os.environ.get(ISA_ENV_VAR)
+        return f"{env} {runs} ({ISA_ENV_VAR}={env!r} is not one of them: the C++ CPU kernels refuse to run)"
 
 
 def collect() -> Dict[str, object]:

@@ -30,6 +30,8 @@ enum Redundancy : int64_t { kLsmi = 0, kMmi = 1 };
 // "portable"); the first is used unless DMIL_FAST_CPU_ISA names another. Defined in
 // interaction_scores_cpu.cpp.
 std::vector<std::string> cpu_kernel_isas();
+// The one a call uses now (an error when DMIL_FAST_CPU_ISA names one this CPU lacks).
+std::string cpu_kernel_isa();
 
 constexpr int kNumScores = 7;
 constexpr int kNumRows = 3;

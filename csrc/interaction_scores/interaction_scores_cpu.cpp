@@ -340,6 +340,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
 
 }  // namespace
 
+std::string cpu_kernel_isa() { return isa_name(chosen_isa()); }
+
 std::vector<std::string> cpu_kernel_isas() {
   std::vector<std::string> names;
   for (const Isa isa : supported_isas()) {

@@ -28,7 +28,7 @@ from ._dispatch import (
     register,
     triton_device_reason,
 )
-from ._validate import FLOAT_DTYPES, check_choice, check_same_device, check_same_dtype, check_tensor
+from ._validate import FLOAT_DTYPES, NaNInputError, check_choice, check_same_device, check_same_dtype, check_tensor
 
 __all__ = ["interaction_scores", "adjust_interactions", "InteractionScores"]
 
@@ -244,7 +244,7 @@ def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_cla
         return
     for name, value in inputs.items():
         if value is not None and bool(torch.isnan(value).any()):
-            raise ValueError(f"{name} contains NaN; expected finite values")
+            raise NaNInputError(name)
     infinite = [name for name in ("log_prior", "entropy_1", "entropy_2")
                 if inputs.get(name) is not None and bool(torch.isinf(inputs[name]).any())]
     if infinite:  # e.g. a log_prior of -inf: a class of prior probability 0 at some sample's label
