@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._modes import eval_mode
-from .dmil import pool_encoder_output
+from .dmil import encode_inputs
 
 Tensor = torch.Tensor
 
@@ -36,10 +36,9 @@ class _TwoEncoders(nn.Module):
         self.embed_a = nn.Linear(input_size, embed_size)
 
     def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
-        """-> e1, e2: (B, E)."""
-        b = visual.size(0)
-        v = pool_encoder_output(self.visual_net(visual), b, "video_model (visual_net)")
-        a = pool_encoder_output(self.audio_net(audio), b, "audio_model (audio_net)")
+        """-> e1, e2: (B, E). The inputs are checked as DMILModel checks them
+        (:func:`dmil_fast.nn.dmil.encode_inputs`)."""
+        v, a = encode_inputs(self, visual, audio)
         return self.embed_v(v), self.embed_a(a)
 
     def interaction_outputs(self, visual: Tensor, audio: Tensor) -> Dict[str, Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from torch.nn.modules import module as _module_mod  # the global forward/backward (pre-)hook registries
 
 from ..ops import BACKENDS
-from ..ops._dispatch import choose_backend
+from ..ops._dispatch import ENV_VAR, _assume_constant_result, choose_backend
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from ._modes import eval_mode
@@ -43,6 +45,22 @@ def model_backend(backend: Optional[str], device, dtype: torch.dtype = torch.flo
     device = torch.device(device)
     chosen = {choose_backend(name, backend, device, dtype) for name in MODEL_OPS}
     return chosen.pop() if len(chosen) == 1 else "/".join(sorted(chosen))
+
+
+@_assume_constant_result
+def env_selects_reference() -> bool:
+    """Whether ``DMIL_FAST_BACKEND`` asks for ``"reference"`` (unset or empty: no), read as the ops'
+    backend choice reads it; under torch.compile it is read once, while tracing, as that choice is."""
+    return (os.environ.get(ENV_VAR) or None) == "reference"
+
+
+def check_stage(stage) -> int:
+    """``stage`` as a plain int, refusing anything but the integers 1, 2 and 3 (bools and floats too)."""
+    if isinstance(stage, bool) or not isinstance(stage, numbers.Integral):
+        raise ValueError(f"stage must be 1, 2 or 3 (an int), got {stage!r} of type {type(stage).__name__}")
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    return int(stage)
 
 
 class CrossModality(nn.Module):
@@ -200,6 +218,42 @@ def pool_encoder_output(x: Tensor, batch_size: int, name: str) -> Tensor:
     raise ValueError(f"{name} must return (B, D) features or (B*T, C, H, W) maps, got shape {tuple(x.shape)}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # an older torch without the device-type argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def encode_inputs(model: nn.Module, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
+    """``model``'s encoders ``visual_net``/``audio_net`` and (T, H, W) pooling on checked inputs:
+    -> (B, input_size) features v, a, ready for ``embed_v``/``embed_a``.
+
+    visual, audio: tensors whose first dimension is the batch B >= 1. Raises TypeError when either
+    is not a tensor or its features' dtype differs from the embedding's weight outside autocast,
+    ValueError when a batch is empty or a feature width is not ``model.input_size``.
+    """
+    for name, x in (("visual", visual), ("audio", audio)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"{name} must be a batch of at least one sample (first dimension B >= 1), "
+                             f"got shape {tuple(x.shape)}")
+    batch = visual.size(0)
+    v = pool_encoder_output(model.visual_net(visual), batch, "video_model (visual_net)")
+    a = pool_encoder_output(model.audio_net(audio), batch, "audio_model (audio_net)")
+    for name, feat, layer in (("visual", v, model.embed_v), ("audio", a, model.embed_a)):
+        if feat.shape[1] != model.input_size:
+            raise ValueError(f"the {name} encoder output has {feat.shape[1]} features, expected "
+                             f"input_size={model.input_size}")
+        weight = layer.weight
+        if feat.dtype != weight.dtype and not _autocast_enabled(feat.device.type):
+            raise TypeError(f"the {name} features are {feat.dtype}, the model's parameters {weight.dtype}: "
+                            f"cast the model (model.to({feat.dtype})) or the inputs (.to({weight.dtype})), "
+                            f"or run under torch.autocast")
+    return v, a
+
+
 class DMILModel(nn.Module):
     """Decomposition-based multimodal interaction learning (DESIGN section 1), drop-in.
 
@@ -234,9 +288,10 @@ class DMILModel(nn.Module):
         embed_size: E. num_class: C. input_size: the encoders' output width.
         method: accepted for compatibility (the official config object); not required, not used.
         stage: 1, 2 or 3; the constructor applies ``configure_stage(stage)``.
-        backend: ``None`` lets the fused ops choose by device; ``"reference"`` runs plain PyTorch
-            drawing eps with ``torch.randn_like`` in the official order, so with the same torch
-            seed (and weights) it reproduces the official model; any other name of
+        backend: ``None`` takes ``DMIL_FAST_BACKEND`` (read at each forward) and otherwise lets the
+            fused ops choose by device; ``"reference"``, given here or by ``DMIL_FAST_BACKEND``,
+            runs plain PyTorch drawing eps with ``torch.randn_like`` in the official order, so with
+            the same torch seed (and weights) it reproduces the official model; any other name of
             ``MODEL_BACKENDS`` (``"triton"``) is forwarded to the ops; :meth:`check_backend` says,
             before a forward, whether it can run on a device.
         synergy_hidden: 0 (default) builds the published synergy module ``cross_modality``
@@ -341,9 +396,9 @@ class DMILModel(nn.Module):
         Stage 2 freezes the encoders, embeddings and all stage-1 modules (``STAGE1_MODULES``):
         ``requires_grad=False`` and eval mode (so BatchNorm statistics stay fixed). Stages 1 and 3
         make them trainable again; leaving stage 2 also gives them the model's current mode.
+        ``stage`` is an int (a numpy integer is stored as a plain int); bools and floats are refused.
         """
-        if stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        stage = check_stage(stage)
         was_frozen = getattr(self, "stage", None) == 2
         self.stage = stage
         trainable = stage != 2
@@ -367,21 +422,27 @@ class DMILModel(nn.Module):
 
     @property
     def _reference(self) -> bool:
+        """The plain-PyTorch path in the official draw order: ``backend="reference"``, or
+        ``backend=None`` with ``DMIL_FAST_BACKEND=reference`` (the same choice, read at each call)."""
+        if self.backend is None:
+            return env_selects_reference()
         return self.backend == "reference"
 
     @property
     def _op_backend(self) -> Optional[str]:
         return None if self._reference else self.backend
 
-    def check_backend(self, device=None, dtype: torch.dtype = torch.float32) -> str:
-        """The backend the model's ops will run for ``dtype`` inputs on ``device`` (default: where
-        the parameters are), found without running them. Raises
+    def check_backend(self, device=None, dtype: Optional[torch.dtype] = None) -> str:
+        """The backend the model's ops will run for ``dtype`` inputs on ``device`` (defaults: the
+        parameters' device, and the parameters' dtype, that of ``embed_v.weight``), found without
+        running them. Raises
         :class:`dmil_fast.ops.BackendUnavailableError`, listing every backend with its reason, when
         the model's ``backend`` (or ``DMIL_FAST_BACKEND``) cannot run there, so that a training run
         can refuse before its first step."""
         if self._reference:
             return "reference"
-        return model_backend(self._op_backend, next(self.parameters()).device if device is None else device, dtype)
+        device = next(self.parameters()).device if device is None else device
+        return model_backend(self._op_backend, device, self.embed_v.weight.dtype if dtype is None else dtype)
 
     def _recomputes(self, x: Tensor) -> bool:
         """Whether the heads' op will rebuild its projections in the backward for inputs like x:
@@ -392,13 +453,7 @@ class DMILModel(nn.Module):
 
     def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
         """Encoders, (T, H, W) pooling and ``embed_v``/``embed_a``: -> e1, e2 of shape (B, E)."""
-        batch = visual.size(0)
-        v = pool_encoder_output(self.visual_net(visual), batch, "video_model (visual_net)")
-        a = pool_encoder_output(self.audio_net(audio), batch, "audio_model (audio_net)")
-        for name, feat in (("visual", v), ("audio", a)):
-            if feat.shape[1] != self.input_size:
-                raise ValueError(f"the {name} encoder output has {feat.shape[1]} features, expected "
-                                 f"input_size={self.input_size}")
+        v, a = encode_inputs(self, visual, audio)
         return self.embed_v(v), self.embed_a(a)
 
     def forward(self, visual: Tensor, audio: Tensor, train_modality: str = "both") -> Dict[str, object]:

@@ -71,6 +71,27 @@ def test_train_mode_reference_backend_reproduces_reference_draw_for_draw(stage, 
     assert not torch.equal(model(x1, x2, modality)["out"], out["out"])
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_env_var_reference_reproduces_reference_draw_for_draw(stage, monkeypatch):
+    """DMIL_FAST_BACKEND=reference with backend=None is the same choice as backend="reference":
+    the plain path in the official draw order, read at forward time."""
+    model, ref = _pair(backend=None)
+    monkeypatch.setenv("DMIL_FAST_BACKEND", "reference")
+    assert model.check_backend() == "reference"
+    for m in (model, ref):
+        m.train()
+        m.configure_stage(stage)
+    x1, x2 = _inputs()
+    torch.manual_seed(11)
+    out = model(x1, x2)
+    torch.manual_seed(11)
+    expected = ref(x1, x2)
+    assert set(out) == set(expected)
+    for key in expected:
+        assert torch.equal(_flat(out[key]), _flat(expected[key])), key
+    assert not torch.equal(model(x1, x2)["out"], out["out"])  # sampling happened
+
+
 def _lin(layer, x):
     return x @ layer.weight.T + layer.bias
 
@@ -358,6 +379,34 @@ def test_check_backend_refuses_before_a_forward_what_the_forward_would_refuse(mo
     assert model.check_backend("cpu") == "triton"
     with pytest.raises(dm.ops.BackendUnavailableError, match="bfloat16"):  # the interpreter's bf16 is refused
         model.check_backend("cpu", torch.bfloat16)
+
+
+def test_check_backend_dtype_defaults_to_the_parameters_dtype(monkeypatch):
+    """Triton's interpreter refuses bfloat16: a bfloat16 model's check says so without a dtype
+    argument, as a forward would; an explicit dtype still wins."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, backend="triton")
+    assert model.check_backend("cpu") == "triton"
+    model.to(torch.bfloat16)
+    with pytest.raises(dm.ops.BackendUnavailableError, match="bfloat16"):
+        model.check_backend("cpu")
+    assert model.check_backend("cpu", torch.float32) == "triton"
+
+
+@pytest.mark.parametrize("stage", [True, False, 2.0, 1.5, "2", None])
+def test_stage_must_be_an_int(stage):
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+        dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, stage=stage)
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D)
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+        model.configure_stage(stage)
+    assert model.stage == 1
+
+
+def test_stage_accepts_numpy_integers_as_plain_ints():
+    np = pytest.importorskip("numpy")
+    model = dm.DMILModel(None, None, embed_size=E, num_class=C, input_size=D, stage=np.int64(2))
+    assert model.stage == 2 and type(model.stage) is int
 
 
 def test_constructor_and_forward_validate_arguments():
