@@ -46,8 +46,8 @@ from .demo import DEMO_MIN_SAMPLES, DEMO_SAMPLES
 from .interactions.report import add_arguments as score_arguments
 from .ops import BackendUnavailableError
 
-USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, ImportError,
-                BackendUnavailableError)
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
+                ImportError, BackendUnavailableError)
 
 
 def _check_settings(args) -> None:
@@ -116,9 +116,12 @@ def cmd_train(args) -> int:
 
     from .train import Trainer
     from .train.distributed import init_distributed, shutdown
+    from .train.resume import check_fresh_out_dir
     from .train.media import load_pretrained_encoders, looks_like_cremad
 
     _check_settings(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun the trainer checks, on rank 0 for all
+        check_fresh_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading any data
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("published" if looks_like_cremad(args.data) else "features")
@@ -130,7 +133,7 @@ def cmd_train(args) -> int:
                           progress=not args.no_progress, echo=None if args.quiet else _echo,
                           amp=None if args.amp == "none" else args.amp, compile=args.compile or False,
                           checkpoint_every=args.checkpoint_every, workers=args.workers, init_from=args.init_from,
-                          backend=args.backend, sync_bn=args.sync_bn)
+                          backend=args.backend, sync_bn=args.sync_bn, overwrite=args.overwrite)
         if args.pretrained:
             load_pretrained_encoders(trainer.model, args.pretrained)
         metrics = trainer.fit(resume=args.resume)
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run's checkpoints or metrics.json, "
+                        "replacing them (without it, such an --out is refused unless --resume continues it)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="also write last.pt every K steps within an epoch (default: at epoch ends only)")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast (default: none)")

@@ -129,4 +129,4 @@ def _train_demo_methods(config, data, out: Path, device: str, results: Dict[str,
     for method in DEMO_METHODS:
         print(f"training {method} ({config.n_epochs} epochs) ...", flush=True)
         results[method] = train(data, method=method, config=config, out_dir=out / method, device=device,
-                                progress=False, echo=None)
+                                progress=False, echo=None, overwrite=True)  # the demo's own earlier output

@@ -70,6 +70,30 @@ def test_demo_tiny(tmp_path, capsys):
         assert word in out
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert all((tmp_path / m / "metrics.json").is_file() for m in ("joint", "ensemble", "dmil"))
+    # a second demo into the same folder replaces its own earlier output (other seed: other numbers)
+    assert main(["demo", "--tiny", "--n", "600", "--epochs", "1", "--seed", "4", "--config", str(cfg),
+                 "--out", str(tmp_path)]) == 0
+    assert all(json.loads((tmp_path / m / "metrics.json").read_text())["seed"] == 4
+               for m in ("joint", "ensemble", "dmil"))
+
+
+def test_train_into_an_earlier_runs_out_is_refused_unless_resume_or_overwrite(tiny, small_config, tmp_path,
+                                                                               capsys):
+    """A second ``train`` into the same --out exits 2 before reading the data and leaves the first
+    run's files as they were; --resume continues it, --overwrite replaces it."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny), "--method", "joint", "--epochs", "2", "--out", str(out),
+            "--config", str(small_config), "--no-progress", "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _refused(args[:2] + [str(tmp_path / "absent")] + args[3:], capsys, str(out), "earlier run", "--resume",
+             "--overwrite")  # refused before the (missing) data is looked at
+    _refused(args, capsys, "--resume", "--overwrite")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(args + ["--resume"]) == 0  # the finished run resumes as finished
+    assert main(args + ["--overwrite", "--seed", "8"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 8
 
 
 def _bad(tiny, tmp_path, name, edit):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
@@ -123,14 +124,45 @@ def truncate_log(path: Path, fields: List[str], finished_epochs: int) -> None:
     os.replace(tmp, path)
 
 
+# The files a run writes atomically, through a temporary ``.<name>.tmp<pid>`` beside them.
+_PARTIAL_FILE = re.compile(r"\.(last\.pt|best_stage\d+\.pt|log\.csv|metrics\.json)\.tmp\d*")
+
+
 def remove_partial_files(directory: Path) -> None:
-    """Delete temporary files left by a write that a kill interrupted (``.<name>.tmp<pid>``)."""
+    """Delete temporary files left by a write of the run's own files (``last.pt``,
+    ``best_stage<k>.pt``, ``log.csv``, ``metrics.json``) that a kill interrupted: ``.<name>.tmp<pid>``.
+    Every other file in ``directory`` stays."""
     if directory.is_dir():
-        for stale in directory.glob(".*.tmp*"):
-            try:
-                stale.unlink()
-            except OSError:
-                pass
+        for stale in directory.iterdir():
+            if _PARTIAL_FILE.fullmatch(stale.name) and stale.is_file():
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
+
+
+def previous_outputs(out_dir: Path) -> List[Path]:
+    """The outputs of an earlier run in ``out_dir``: its checkpoints and ``metrics.json``."""
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    found = sorted(ckpt_dir.glob("best_stage*.pt")) if ckpt_dir.is_dir() else []
+    return [p for p in (ckpt_dir / "last.pt", out_dir / "metrics.json") if p.is_file()] + found
+
+
+def check_fresh_out_dir(out_dir, *, resume: bool, overwrite: bool) -> None:
+    """Refuse (FileExistsError naming the folder and its files) to start a run over the outputs of an
+    earlier one in ``out_dir`` unless ``overwrite``: a fresh run deletes the earlier checkpoints.
+    With ``resume`` and an earlier ``last.pt`` the run continues it, which needs no permission."""
+    out_dir = Path(out_dir)
+    if overwrite or (resume and (out_dir / "checkpoints" / "last.pt").is_file()):
+        return
+    found = previous_outputs(out_dir)
+    if found:
+        names = ", ".join(str(p.relative_to(out_dir)) for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        how = ("it has no checkpoints/last.pt to resume from; " if resume else
+               "pass --resume (resume=True) to continue that run, ")
+        raise FileExistsError(f"{out_dir} holds the outputs of an earlier run ({names}): {how}"
+                              "--overwrite (overwrite=True) to replace them, or choose another --out")
 
 
 class ResumableTraining:

@@ -12,7 +12,8 @@ Scale: data-parallel over ranks (:mod:`.distributed`; ``batch_size`` is the glob
 streamed data through DataLoader workers (:mod:`.sampling`), bf16 autocast (``amp="bf16"``),
 ``torch.compile`` of the model (``compile``). Never losing work: ``checkpoints/last.pt`` is
 written atomically at the end of every epoch and every ``checkpoint_every`` steps, and
-``fit(resume=True)`` continues from it exactly (:mod:`.resume`).
+``fit(resume=True)`` continues from it exactly (:mod:`.resume`); a fresh run refuses an
+``out_dir`` that holds an earlier run's checkpoints or ``metrics.json`` unless ``overwrite``.
 
 Outputs in ``out_dir`` (rank 0): ``log.csv``, ``tensorboard/``, ``checkpoints/best_stage{k}.pt``,
 ``checkpoints/last.pt``, ``metrics.json``.
@@ -41,7 +42,7 @@ from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrie
 from .factory import METHODS, build_model
 from .losses import baseline_loss, dmil_loss
 from .metrics import prediction_metrics
-from .resume import Position, ResumableTraining, remove_partial_files
+from .resume import Position, ResumableTraining, check_fresh_out_dir, remove_partial_files
 from .runlog import RunLog
 from .sampling import eval_batches, iterate, make_loader, per_rank_batch, train_batches
 
@@ -84,13 +85,16 @@ class Trainer(ResumableTraining):
         workers: DataLoader worker processes for streamed data (default 2; in-memory data uses none).
         init_from: initial weights (any checkpoint :func:`~dmil_fast.train.checkpoint.load_weights` reads).
         backend: ops backend of the DMIL model (``None``: automatic).
+        overwrite: let a fresh run replace the outputs of an earlier one in ``out_dir`` (its
+            checkpoints and ``metrics.json``); without it, :meth:`fit` refuses (FileExistsError)
+            unless it resumes that run.
     """
 
     def __init__(self, data, config: DMILConfig, *, method: str, out_dir, device="cpu", progress: bool = False,
                  echo: Optional[Callable[[str], None]] = print, model: Optional[torch.nn.Module] = None,
                  dist: Optional[DistContext] = None, amp: Optional[str] = None, compile: Union[bool, str] = False,
                  checkpoint_every: int = 0, workers: Optional[int] = None, init_from=None,
-                 backend: Optional[str] = None, sync_bn: bool = False):
+                 backend: Optional[str] = None, sync_bn: bool = False, overwrite: bool = False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if amp not in (None, *AMP_DTYPES):
@@ -98,7 +102,9 @@ class Trainer(ResumableTraining):
         for name, value in (("checkpoint_every", checkpoint_every), ("workers", 0 if workers is None else workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        self.method, self.config = method, config
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
+        self.method, self.config, self.overwrite = method, config, overwrite
         self.dist = dist or DistContext(device=check_device(device))
         self.device = self.dist.device
         self.per_rank_batch = per_rank_batch(config.batch_size, self.dist.world_size)
@@ -112,7 +118,7 @@ class Trainer(ResumableTraining):
         self.data = data.to(self.device)
         self.model = (model or self._build_model(backend)).to(self.device)
         if hasattr(self.model, "check_backend"):  # refuse an unusable ops backend before any step
-            self.model.check_backend(self.device, AMP_DTYPES[amp] if amp is not None else torch.float32)
+            self.model.check_backend(self.device, AMP_DTYPES[amp] if amp is not None else None)
         if init_from is not None:
             load_weights(self.model, init_from)
         self.sync_bn = self._convert_batchnorm(sync_bn)
@@ -336,16 +342,31 @@ class Trainer(ResumableTraining):
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_files(self.ckpt_dir)
         remove_partial_files(self.out_dir)
-        if resumed is None:  # a previous run's checkpoints must be neither reloaded nor resumed
-            for stale in list(self.ckpt_dir.glob("best_stage*.pt")) + [self.ckpt_dir / "last.pt"]:
+        if resumed is None:  # a previous run's outputs must be neither reloaded, resumed nor mistaken for ours
+            for stale in list(self.ckpt_dir.glob("best_stage*.pt")) + [self.ckpt_dir / "last.pt",
+                                                                       self.out_dir / "metrics.json"]:
                 if stale.exists():
                     stale.unlink()
         self.log.open(keep_epochs=None if resumed is None else resumed.finished_epochs)
+
+    def _check_out_dir(self, resume: bool) -> None:
+        """Rank 0 looks at ``out_dir``; every rank raises the same FileExistsError when a fresh run
+        would replace an earlier run's outputs without ``overwrite``."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                check_fresh_out_dir(self.out_dir, resume=resume, overwrite=self.overwrite)
+            except FileExistsError as exc:
+                problem = str(exc)
+        problem = all_gather_objects(self.dist, problem)[0]
+        if problem is not None:
+            raise FileExistsError(problem)
 
     def fit(self, *, resume: bool = False) -> Dict[str, object]:
         """Run the whole schedule (from ``last.pt`` with ``resume``), test the best checkpoint of the
         last stage, write metrics.json."""
         start = time.perf_counter()
+        self._check_out_dir(resume)
         position = self.resume() if resume else None
         self._prepare_outputs(position if position is not None and position.epoch > 0 else None)
         epoch, self.step = position.next_start() if position is not None else (1, 0)
@@ -408,7 +429,7 @@ class Trainer(ResumableTraining):
             "config": self.config.to_dict(), "data": self.data.path,
         }
         if self.dist.is_main:
-            tmp = self.out_dir / ".metrics.json.tmp"
+            tmp = self.out_dir / f".metrics.json.tmp{os.getpid()}"
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
             os.replace(tmp, self.out_dir / "metrics.json")
         return metrics
@@ -426,7 +447,7 @@ def train(data, *, method: str, config: DMILConfig, out_dir, device="cpu", progr
     """Load (and validate) ``data`` (a feature dataset path or loaded data), train, test.
 
     ``options`` go to :class:`Trainer` (``dist``, ``amp``, ``compile``, ``checkpoint_every``,
-    ``workers``, ``init_from``, ``backend``). Returns the metrics also written to
+    ``workers``, ``init_from``, ``backend``, ``sync_bn``, ``overwrite``). Returns the metrics also written to
     ``out_dir/metrics.json`` (by rank 0).
     """
     if isinstance(data, (str, os.PathLike)):

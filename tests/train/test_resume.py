@@ -203,15 +203,63 @@ def test_capture_and_restore_rng_replay_every_stream_after_a_save_and_load(tmp_p
 
 
 def test_remove_partial_files_deletes_only_interrupted_writes(tmp_path):
-    """A write killed half way leaves ``.<name>.tmp<pid>`` (the name save_checkpoint and
-    truncate_log write to); those go, every other file stays."""
-    stale = [tmp_path / ".last.pt.tmp4242", tmp_path / ".log.csv.tmp17"]
-    kept = [tmp_path / "last.pt", tmp_path / "log.csv", tmp_path / "notes.tmp"]
+    """A write killed half way leaves ``.<name>.tmp<pid>`` beside one of the run's own files
+    (last.pt, best_stage<k>.pt, log.csv, metrics.json); those go, every other file stays, hidden
+    ones whose names merely contain ".tmp" included."""
+    stale = [tmp_path / ".last.pt.tmp4242", tmp_path / ".log.csv.tmp17", tmp_path / ".best_stage2.pt.tmp5",
+             tmp_path / ".metrics.json.tmp99"]
+    kept = [tmp_path / "last.pt", tmp_path / "log.csv", tmp_path / "notes.tmp", tmp_path / ".env.tmpl",
+            tmp_path / ".gitignore.tmpl", tmp_path / ".notes.tmp_backup", tmp_path / ".model.pt.tmp3",
+            tmp_path / ".last.pt.tmp12.bak"]
     for p in stale + kept:
         p.write_text("x")
+    (tmp_path / ".last.pt.tmp7").mkdir()  # a folder of that name is not a partial write
     remove_partial_files(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in kept] + [".last.pt.tmp7"])
     remove_partial_files(tmp_path / "absent")  # no directory: nothing to do, no error
+
+
+def _outputs(out_dir):
+    """{relative path: bytes} of every file a run wrote."""
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_refuses_an_out_dir_holding_an_earlier_run(tmp_path):
+    """Without resume, a second run into the same folder would delete the first run's checkpoints:
+    it raises FileExistsError naming the folder, its files and the two ways on, and leaves every
+    file as it was; overwrite=True starts afresh on purpose."""
+    config = DMILConfig(n_epochs=2, stage1_epochs=1, stage2_epochs=1, **TINY)
+    Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit()
+    before = _outputs(tmp_path)
+    assert {"checkpoints/last.pt", "checkpoints/best_stage1.pt", "metrics.json"} <= set(before)
+    for method in ("dmil", "joint"):
+        with pytest.raises(FileExistsError) as exc:
+            Trainer(_data(), config, method=method, out_dir=tmp_path, echo=None).fit()
+        message = str(exc.value)
+        for needle in (str(tmp_path), "checkpoints/last.pt", "metrics.json", "resume", "overwrite"):
+            assert needle in message, (needle, message)
+        assert _outputs(tmp_path) == before
+    metrics = Trainer(_data(), config, method="joint", out_dir=tmp_path, echo=None, overwrite=True).fit()
+    assert metrics["method"] == "joint"
+    assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "joint"
+    assert not list((tmp_path / "checkpoints").glob("best_stage2.pt"))  # dmil's stage-2 best is gone
+
+
+def test_resume_without_last_pt_refuses_an_earlier_runs_other_outputs(tmp_path):
+    """resume=True continues last.pt; with no last.pt but an earlier run's best checkpoints or
+    metrics, starting from scratch would delete them, so it is refused too."""
+    config = DMILConfig(n_epochs=2, stage1_epochs=1, stage2_epochs=1, **TINY)
+    Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit()
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    before = _outputs(tmp_path)
+    with pytest.raises(FileExistsError, match="no checkpoints/last.pt to resume from"):
+        Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit(resume=True)
+    assert _outputs(tmp_path) == before
+
+
+def test_overwrite_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        Trainer(_data(), CONFIG, method="dmil", out_dir=tmp_path, echo=None, overwrite="yes")
 
 
 def test_resume_refuses_a_checkpoint_trained_on_features_of_other_widths(tmp_path):
