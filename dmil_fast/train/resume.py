@@ -9,6 +9,8 @@ stage accuracies:
     rng          one entry per rank: :func:`capture_rng` (Python, NumPy, torch CPU and CUDA)
     train_sums   one entry per rank: [loss_sum, correct, seen], the epoch's running training sums
     sampler      {"seed", "batch_size", "world_size"}: with the position, this fixes the data order
+    run          {"data", "amp", "backend"}: :func:`data_fingerprint` of the data and the run's
+                 autocast and ops backend, which a resume must share (absent in older files)
     last_train   the last finished epoch's training loss and accuracy
     throughput   per stage: samples and seconds of training so far
 
@@ -25,9 +27,10 @@ import csv
 import os
 import random
 import re
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -90,10 +93,32 @@ class Position:
         return cls(int(d["epoch"]), int(d["step"]), bool(d["complete"]))
 
 
+def data_fingerprint(data) -> Dict[str, List[Any]]:
+    """``{split: [rows, CRC-32 of its labels]}`` for train, val and test: tells another data set or
+    another split of it from the one a run started on, without reading any features."""
+    out: Dict[str, List[Any]] = {}
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        y = getattr(split, "y", None)
+        crc = None if y is None else zlib.crc32(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        out[name] = [len(split), crc]
+    return out
+
+
+_RUN_FLAGS = {"amp": "--amp", "backend": "--backend"}
+
+
+def _rows(fingerprint) -> str:
+    if not isinstance(fingerprint, Mapping):
+        return repr(fingerprint)
+    return "/".join(str(v[0]) for v in fingerprint.values())
+
+
 def check_resumable(payload: Mapping[str, Any], path: Path, *, spec: Mapping[str, Any],
-                    config: Mapping[str, Any]) -> None:
+                    config: Mapping[str, Any], run: Optional[Mapping[str, Any]] = None) -> None:
     """Raise ValueError naming ``path`` when ``payload`` cannot continue this run: not a training
-    state (a best-checkpoint or a foreign file), another model, or other settings."""
+    state (a best-checkpoint or a foreign file), another model, other settings, or (``run``, for a
+    file that recorded it) other data, autocast or ops backend."""
     missing = [k for k in ("position", "optimizer", "scheduler", "rng", "train_sums", "sampler") if k not in payload]
     if missing:
         raise ValueError(f"{path} is not a training state to resume from (no {', '.join(missing)})")
@@ -107,6 +132,17 @@ def check_resumable(payload: Mapping[str, Any], path: Path, *, spec: Mapping[str
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {config.get(k)!r})" for k in differ[:6])
         raise ValueError(f"cannot resume from {path}: the settings differ: {shown}; resume with the same settings "
                          "(or start a new run in another --out directory)")
+    saved_run = payload.get("run")
+    if run is None or not isinstance(saved_run, Mapping):
+        return
+    if saved_run.get("data") != run.get("data"):
+        raise ValueError(f"cannot resume from {path}: it was trained on other data (train/val/test rows "
+                         f"{_rows(saved_run.get('data'))}, this run {_rows(run.get('data'))}, or other labels); "
+                         "resume with the same --data (or start a new run in another --out directory)")
+    for key, flag in _RUN_FLAGS.items():
+        if saved_run.get(key) != run.get(key):
+            raise ValueError(f"cannot resume from {path}: it ran with {key}={saved_run.get(key)!r}, this run "
+                             f"{key}={run.get(key)!r}; resume with the same {flag}")
 
 
 def truncate_log(path: Path, fields: List[str], finished_epochs: int) -> None:
@@ -179,6 +215,7 @@ class ResumableTraining:
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             best_acc={str(k): v for k, v in self.best_acc.items()}, position=position.to_dict(),
             rng=[r["rng"] for r in ranks], train_sums=[r["sums"] for r in ranks],
+            run=self.run_identity(),
             sampler={"seed": self.config.random_seed, "batch_size": self.config.batch_size,
                      "world_size": self.dist.world_size},
             last_train=dict(self.last_train), throughput={k: list(v) for k, v in self.throughput.items()}))
@@ -194,7 +231,7 @@ class ResumableTraining:
             self.log.say(f"no checkpoint at {path}: starting from scratch")
             return Position()
         payload = load_checkpoint(path, map_location=self.device)
-        check_resumable(payload, path, spec=self.model_spec(), config=self.config.to_dict())
+        check_resumable(payload, path, spec=self.model_spec(), config=self.config.to_dict(), run=self.run_identity())
         position = Position.from_dict(payload["position"])
         writers = len(payload["rng"])
         if writers != self.dist.world_size and not position.complete:

@@ -42,7 +42,7 @@ from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrie
 from .factory import METHODS, build_model
 from .losses import baseline_loss, dmil_loss
 from .metrics import prediction_metrics
-from .resume import Position, ResumableTraining, check_fresh_out_dir, remove_partial_files
+from .resume import Position, ResumableTraining, check_fresh_out_dir, data_fingerprint, remove_partial_files
 from .runlog import RunLog
 from .sampling import eval_batches, iterate, make_loader, per_rank_batch, train_batches
 
@@ -132,6 +132,7 @@ class Trainer(ResumableTraining):
         self.throughput: Dict[str, list] = {}  # stage -> [samples, seconds]
         self._sums = [0.0, 0, 0]  # this rank's running loss sum, correct, seen of the epoch
         self.epoch_rate = 0.0
+        self._data_fingerprint = None
 
     def _convert_batchnorm(self, sync_bn: bool) -> bool:
         """With ``sync_bn`` and several ranks, BatchNorm layers (the ResNet18 encoders') pool their
@@ -329,6 +330,13 @@ class Trainer(ResumableTraining):
         dims = list(self.data.dims) if self.data.dims is not None else None
         return {"method": self.method, "data_kind": self.data.kind, "dims": dims, "num_classes": self.data.num_classes,
                 "stage": self.stage or 1, "config": self.config.to_dict(), "class_names": self.data.class_names}
+
+    def run_identity(self) -> Dict[str, object]:
+        """What a resume must share with this run beyond the model and settings: the data (its
+        :func:`~.resume.data_fingerprint`, computed once), the autocast and the model's ops backend."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = data_fingerprint(self.data)
+        return {"data": self._data_fingerprint, "amp": self.amp, "backend": getattr(self.model, "backend", None)}
 
     def checkpoint_payload(self, **extra) -> Dict[str, object]:
         return dict({"state_dict": self.model.state_dict(), "model": self.model_spec(), "epoch": self.epoch,

@@ -143,6 +143,50 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
         Trainer(_data(), config, method="joint", out_dir=tmp_path, echo=None).fit(resume=True)
 
 
+@pytest.mark.parametrize("change", ["other data", "other split", "amp", "backend"])
+def test_resume_refuses_other_data_autocast_or_backend(tmp_path, change):
+    """Data of the same widths and classes, or another autocast or ops backend, would go on
+    silently from a state that belongs to another run: refused, naming the file and what differs."""
+    config = DMILConfig(n_epochs=3, stage1_epochs=1, stage2_epochs=1, **TINY)
+    with pytest.raises(Crash):
+        CrashingTrainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None, crash=("save", 1)).fit()
+    d, options = _data(), {}
+    if change == "other data":
+        d = separable_data((150, 40, 40))
+    elif change == "other split":  # the same rows, two training labels swapped
+        y = d.train.y.clone()
+        first_other = int(torch.nonzero(y != y[0])[0])
+        y[0], y[first_other] = y[first_other].clone(), y[0].clone()
+        d = FeatureData.from_tensors((d.train.x1, d.train.x2, y, d.train.types),
+                                     *[(s.x1, s.x2, s.y, s.types) for s in (d.val, d.test)], num_classes=3,
+                                     type_names=d.type_names)
+    elif change == "amp":
+        options = {"amp": "bf16"}
+    else:
+        options = {"backend": "reference"}
+    needle = {"other data": "other data", "other split": "other data", "amp": "--amp", "backend": "--backend"}[change]
+    with pytest.raises(ValueError, match=needle) as exc:
+        Trainer(d, config, method="dmil", out_dir=tmp_path, echo=None, **options).fit(resume=True)
+    assert "last.pt" in str(exc.value)
+    if change == "other data":
+        assert "90/32/32" in str(exc.value) and "150/40/40" in str(exc.value)
+    # the same data and options still resume
+    Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit(resume=True)
+
+
+def test_resume_accepts_a_last_pt_that_predates_the_run_record(tmp_path):
+    """Files written before last.pt recorded the data, autocast and backend still resume."""
+    config = DMILConfig(n_epochs=3, stage1_epochs=1, stage2_epochs=1, **TINY)
+    with pytest.raises(Crash):
+        CrashingTrainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None, crash=("save", 1)).fit()
+    last = tmp_path / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    del payload["run"]
+    torch.save(payload, last)
+    metrics = Trainer(_data(), config, method="dmil", out_dir=tmp_path, echo=None).fit(resume=True)
+    assert metrics["epochs"] == 3
+
+
 def _train_cmd(data, out, cfg, *extra):
     return [sys.executable, "-m", "dmil_fast", "train", "--data", str(data), "--method", "dmil", "--out", str(out),
             "--epochs", "4", "--config", str(cfg), "--no-progress", "--quiet", "--checkpoint-every", "5", *extra]
