@@ -43,6 +43,12 @@ def progress_bar(iterable, *, enabled: bool, desc: str, total: Optional[int] = N
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+def check_label_dtype(name: str, y: torch.Tensor) -> None:
+    """A TypeError naming ``name`` unless ``y`` holds integers (floating, complex and bool labels are refused)."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+
+
 def check_batch(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, *, num_classes: int,
                 dims: Optional[Tuple[int, int]] = None, names=("x1", "x2", "y")) -> None:
     """Validate one aligned batch; raises ValueError/TypeError naming the argument."""
@@ -56,8 +62,7 @@ def check_batch(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, *, num_clas
             raise ValueError(f"{name} has feature dimension 0, shape {tuple(x.shape)}")
     if y.dim() != 1:
         raise ValueError(f"{ny} must be 1-D (N,) labels, got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{ny} must hold integer class labels, got dtype {y.dtype}")
+    check_label_dtype(ny, y)
     if x2.shape[0] != x1.shape[0]:
         raise ValueError(f"{n2} has {x2.shape[0]} samples but {n1} has {x1.shape[0]}; expected one row per sample")
     if y.shape[0] != x1.shape[0]:
@@ -91,12 +96,14 @@ class Source:
     """Aligned (x1, x2, y) batches from tensors or a dataset.
 
     ``Source(x1, x2, y)`` with tensors/arrays, or ``Source(dataset)`` with x2 = y = None.
-    ``dims``: (D1, D2); ``len(source)``: number of samples.
+    ``dims``: (D1, D2); ``len(source)``: number of samples. ``seed`` seeds the private generator of
+    a dataset's loader when :meth:`batches` is given none (the global RNG is never drawn from).
     """
 
-    def __init__(self, x1, x2=None, y=None, *, num_classes: int, num_workers: int = 0):
+    def __init__(self, x1, x2=None, y=None, *, num_classes: int, num_workers: int = 0, seed: int = 0):
         self.num_classes = num_classes
         self.num_workers = num_workers
+        self.seed = seed
         if isinstance(x1, Dataset) and not isinstance(x1, (torch.Tensor, np.ndarray)):
             if x2 is not None or y is not None:
                 raise ValueError("pass either a dataset as x1 (with x2 and y left None) or x1, x2 and y arrays")
@@ -154,6 +161,8 @@ class Source:
 
         Without ``shuffle`` the batches follow the sample order exactly (sample i of the source is
         row i of the concatenated batches). ``check`` validates each batch of a dataset source.
+        ``generator`` shuffles (and gives a dataset's loader its base seed); None = one seeded with
+        the source's ``seed``.
         """
         non_blocking = device.type == "cuda"
         if self.tensors is not None:
@@ -170,6 +179,8 @@ class Source:
                        b2.to(device, torch.float32, non_blocking=non_blocking),
                        by.to(device, torch.int64, non_blocking=non_blocking))
             return
+        if generator is None:  # the loader draws its workers' base seed even without shuffling
+            generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                             num_workers=self.num_workers, pin_memory=non_blocking, drop_last=False)
         for item in loader:

@@ -149,7 +149,8 @@ class LSMIEstimator:
     def fit(self, x1, x2=None, y=None, *, progress: Optional[bool] = None) -> "LSMIEstimator":
         """Train the discriminators (and densities) on (x1, x2, y); returns self."""
         show = self.progress if progress is None else bool(progress)
-        source = Source(x1, x2, y, num_classes=self.num_classes, num_workers=self.num_workers)
+        source = Source(x1, x2, y, num_classes=self.num_classes, num_workers=self.num_workers,
+                        seed=self.seed)
         if len(source) < 2:
             raise ValueError(f"fitting needs at least 2 samples, got {len(source)}")
         device = self.device
@@ -291,7 +292,8 @@ class LSMIEstimator:
         self._check_fitted()
         batch_size = positive_int("batch_size", batch_size) if batch_size is not None else max(self.batch_size, 2048)
         show = self.progress if progress is None else bool(progress)
-        source = Source(x1, x2, y, num_classes=self.num_classes, num_workers=self.num_workers)
+        source = Source(x1, x2, y, num_classes=self.num_classes, num_workers=self.num_workers,
+                        seed=self.seed)
         for k in range(2):
             if source.dims[k] != self.dims[k]:
                 raise ValueError(f"{source.names[k]} must have {self.dims[k]} features per sample (the dims at fit "

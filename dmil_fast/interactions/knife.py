@@ -35,7 +35,7 @@ class KNIFE(nn.Module):
     Args:
         dim: input dimension D.
         components: number of mixture components K.
-        log_scale_bound: b, the bound of the tanh-squashed log inverse scales.
+        log_scale_bound: b, the bound of the tanh-squashed log inverse scales (a finite number > 0).
 
     ``log_prob(x)``: x (N, D) floating -> (N,) float64 for float64 inputs, else float32.
     ``forward(x)`` returns the pointwise entropies -log p(x), (N,).
@@ -45,11 +45,10 @@ class KNIFE(nn.Module):
         super().__init__()
         dim = positive_int("dim", dim)
         components = positive_int("components", components)
-        if not log_scale_bound > 0:
-            raise ValueError(f"log_scale_bound must be > 0, got {log_scale_bound!r}")
+        log_scale_bound = real_number("log_scale_bound", log_scale_bound, low=0, low_ok=False)
         self.dim = dim
         self.components = components
-        self.log_scale_bound = float(log_scale_bound)
+        self.log_scale_bound = log_scale_bound
         self.means = nn.Parameter(torch.empty(components, dim))
         self.raw_log_scales = nn.Parameter(torch.empty(components, dim))
         self.mixing = nn.Parameter(torch.empty(components, dim, dim))

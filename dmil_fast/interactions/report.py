@@ -86,6 +86,9 @@ def write_report(scores: InteractionScores, out_dir, *, indices, labels, split=N
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     class_names = list(class_names) if class_names is not None else [f"class_{k}" for k in range(num_classes)]
+    if split is not None and (split.min() < 0 or split.max() >= len(SPLIT_NAMES)):
+        raise ValueError(f"split codes must lie in [0, {len(SPLIT_NAMES)}) (0 train, 1 val, 2 test), "
+                         f"got [{split.min()}, {split.max()}]")
     if truth is not None and (truth.min() < 0 or truth.max() >= num_types):
         raise ValueError(f"interaction_type codes must lie in [0, {num_types}) (one per type name), "
                          f"got [{truth.min()}, {truth.max()}]")
@@ -328,6 +331,9 @@ def _score_and_report(args, *, epochs, batch_size: int, seed: int, device: torch
     from .scoring import score_model
 
     data = FeatureDataset(args.data)
+    if data.num_classes < 2:
+        raise ValueError(f"--data {args.data} has {data.num_classes} class{'' if data.num_classes == 1 else 'es'}; "
+                         "interaction scoring needs at least 2 classes")
     if getattr(args, "model", None):
         model = _load_checked_model(args.model, data.dims, device)
         try:

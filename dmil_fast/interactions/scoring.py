@@ -24,7 +24,7 @@ from .. import ops
 from .._settings import check_device
 from ..nn._modes import eval_mode
 from ..ops import InteractionScores
-from ._inputs import positive_int, progress_bar, real_number
+from ._inputs import check_label_dtype, positive_int, progress_bar, real_number
 from .knife import KNIFE
 
 _KEYS = ("logits_1", "logits_2", "logits_12", "embed_1", "embed_2")
@@ -51,6 +51,7 @@ def _batches(dataset, batch_size: int, device: torch.device, num_workers: int):
     position = 0
     for item in loader:
         b1, b2, by = item[0], item[1], item[2]
+        check_label_dtype("dataset labels", by)
         n = by.shape[0]
         idx = item[3] if len(item) > 3 else torch.arange(position, position + n)
         position += n
@@ -66,8 +67,8 @@ def score_model(model: torch.nn.Module, dataset, *, batch_size: int = 256, densi
 
     Args:
         model: an nn.Module with ``interaction_outputs(visual, audio)`` (see the module docstring).
-        dataset: map-style dataset whose items start with ``(x1, x2, label)`` and may carry the
-            sample's row index fourth (a :class:`dmil_fast.data.FeatureDataset`).
+        dataset: map-style dataset whose items start with ``(x1, x2, label)`` (integer labels) and
+            may carry the sample's row index fourth (a :class:`dmil_fast.data.FeatureDataset`).
         batch_size: samples per forward pass.
         density_epochs / density_components / density_lr: KNIFE fitting on the embeddings.
         redundancy: "lsmi" (needs the densities) or "mmi".

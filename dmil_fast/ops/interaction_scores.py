@@ -28,7 +28,8 @@ from ._dispatch import (
     register,
     triton_device_reason,
 )
-from ._validate import FLOAT_DTYPES, NaNInputError, check_choice, check_same_device, check_same_dtype, check_tensor
+from ._validate import (FLOAT_DTYPES, NaNInputError, check_choice, check_no_nan, check_same_device, check_same_dtype,
+                        check_tensor, values_checked)
 
 __all__ = ["interaction_scores", "adjust_interactions", "InteractionScores"]
 
@@ -347,7 +348,12 @@ def adjust_interactions(scores: InteractionScores) -> InteractionScores:
 
     Args:
         scores: InteractionScores whose redundancy, unique_1, unique_2 and synergy are (B,)
-            floating tensors, B >= 1, on one device.
+            floating tensors, B >= 1, on one device, without NaN.
+
+    A NaN in one of those four fields raises :class:`NaNInputError` naming it (``scores.synergy``)
+    on CPU tensors, as the Gaussian ops check theirs (on GPU tensors only under anomaly detection;
+    never under ``torch.compile``, torch.func transforms, fake or meta tensors). The pmi fields are
+    passed through unread.
     """
     if not isinstance(scores, InteractionScores):
         raise TypeError(f"scores must be an InteractionScores (from interaction_scores), "
@@ -358,7 +364,10 @@ def adjust_interactions(scores: InteractionScores) -> InteractionScores:
         if value.shape != ref.shape:
             raise ValueError(f"scores.{name} must have the shape of scores.redundancy "
                              f"{tuple(ref.shape)}, got {tuple(value.shape)}")
-    check_same_device(**{f"scores.{n}": getattr(scores, n) for n in _INTERACTION_FIELDS})
+    fields = {f"scores.{n}": getattr(scores, n) for n in _INTERACTION_FIELDS}
+    device = check_same_device(**fields)
+    if values_checked(device, *fields.values()):  # a NaN mean would NaN the shift of every row, or skip it
+        check_no_nan(**fields)
     r, u1, u2, s = (getattr(scores, n).detach().double().mean() for n in _INTERACTION_FIELDS)
     c = torch.where((r < 0) | (s < 0), -torch.minimum(r, s),
                     torch.where((u1 < 0) | (u2 < 0), torch.minimum(u1, u2), torch.zeros_like(r)))

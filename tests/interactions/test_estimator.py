@@ -268,3 +268,24 @@ def test_tensor_batches_shuffle_by_their_generator_and_stay_aligned():
     first = order(0)
     assert sorted(first.tolist()) == list(range(n)) and not torch.equal(first, x[:, 0])
     assert torch.equal(first, order(0)) and not torch.equal(first, order(1))
+
+
+def test_a_dataset_input_leaves_the_global_rng_untouched(tmp_path):
+    """fit and score read a FeatureDataset through DataLoaders, whose base seed comes from a
+    private generator: the next global draw is the one a fresh manual_seed gives, and the
+    results are the same from any global RNG state."""
+    torch.manual_seed(123)
+    want = torch.randn(1)
+    path = make_synthetic(tmp_path / "syn", n=90, dim=3, num_classes=3, seed=4)
+
+    def fit_and_score(global_seed):
+        torch.manual_seed(global_seed)
+        est = LSMIEstimator(3, epochs=1, batch_size=32, progress=False).fit(FeatureDataset(path, "train"))
+        scores = est.score(FeatureDataset(path), batch_size=40)
+        return scores, torch.randn(1)
+
+    first, after = fit_and_score(123)
+    assert torch.equal(after, want)
+    second, _ = fit_and_score(7)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

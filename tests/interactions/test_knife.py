@@ -119,6 +119,18 @@ def test_bad_inputs_name_the_argument():
     assert KNIFE(np.int64(2), components=np.int32(3)).means.shape == (3, 2)
 
 
+@pytest.mark.parametrize("bound", [float("inf"), float("nan"), 0.0, -1.0, "2", None, True])
+def test_log_scale_bound_must_be_a_finite_positive_number(bound):
+    with pytest.raises(ValueError, match=r"^log_scale_bound must be a finite number > 0, got "):
+        KNIFE(2, 3, log_scale_bound=bound)
+
+
+def test_log_scale_bound_takes_numpy_numbers_and_0d_tensors():
+    for bound in (np.float32(0.5), torch.tensor(0.5), 1):
+        knife = KNIFE(2, 3, log_scale_bound=bound)
+        assert type(knife.log_scale_bound) is float and knife.log_scale_bound == float(bound)
+
+
 def test_log_scale_bound_bounds_the_scales_in_the_density():
     """With b != 1 the density is still the Gaussian mixture with precision A^T A,
     A = (I + L) diag(exp(b tanh(theta))), built here with torch.distributions."""

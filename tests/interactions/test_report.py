@@ -100,6 +100,32 @@ def test_write_report_validates(tmp_path):
                             interaction_type=np.full(5, 2), type_names=["x", "y"])
 
 
+@pytest.mark.parametrize("code", [-1, 3])
+def test_write_report_refuses_split_codes_outside_train_val_test(tmp_path, code):
+    split = np.array([0, 1, 2, code, 0])
+    with pytest.raises(ValueError, match=rf"split codes must lie in \[0, 3\).*got \[{min(code, 0)}, {max(code, 2)}\]"):
+        report.write_report(_scores(np.zeros((5, 4))), tmp_path / "out", indices=np.arange(5),
+                            labels=np.zeros(5, dtype=int), split=split)
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_command_on_one_class_names_the_data(tmp_path, capsys):
+    from dmil_fast.cli import main
+
+    data = tmp_path / "one_class"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "modality_1.npy", rng.normal(size=(40, 3)).astype(np.float32))
+    np.save(data / "modality_2.npy", rng.normal(size=(40, 2)).astype(np.float32))
+    np.save(data / "labels.npy", np.zeros(40, dtype=np.int64))
+    code = main(["score", "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: --data {data} has 1 class; interaction scoring needs at least 2 classes")
+    assert "num_classes" not in err and "Traceback" not in err
+    assert not (tmp_path / "out" / report.CSV_NAME).exists()
+
+
 def _args(data, out, **extra):
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)

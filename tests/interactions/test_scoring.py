@@ -182,3 +182,12 @@ def test_a_dataset_without_row_indices_gets_its_positions(dataset):
     _, rows = score_model(StandIn(3, 4), TensorDataset(x1, x2, y), batch_size=17, redundancy="mmi",
                           adjust=False, progress=False)
     np.testing.assert_array_equal(rows, np.arange(len(y)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.complex64])
+def test_labels_that_are_not_integers_are_refused(dataset, dtype):
+    """Float labels would be truncated to classes and bool ones read as 0/1: both refused."""
+    x1, x2, y, _ = dataset.as_tensors()
+    labels = (y % 2).to(dtype) if dtype == torch.bool else y.to(dtype) + 0.25
+    with pytest.raises(TypeError, match=rf"^dataset labels must hold integer class labels, got dtype {dtype}$"):
+        score_model(StandIn(3, 4), TensorDataset(x1, x2, labels), redundancy="mmi", progress=False)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import dmil_fast as dm
 from dmil_fast.ops import BackendUnavailableError, InteractionScores
+from dmil_fast.ops._validate import NaNInputError
 from dmil_fast.reference.interactions import adjust_interactions_ref, interaction_scores_ref
 from tests.conftest import devices, low_precision_dtypes, triton_device
 
@@ -593,6 +594,41 @@ def test_adjust_interactions_bad_input():
         dm.ops.adjust_interactions(_scores([], [], [], []))
     with pytest.raises(TypeError, match="scores.unique_2"):
         dm.ops.adjust_interactions(good._replace(unique_2=torch.zeros(2, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("field", ["redundancy", "unique_1", "unique_2", "synergy"])
+def test_adjust_interactions_names_a_nan_field(field):
+    """One NaN in the four shifted fields would NaN the shift of every sample: refused, named."""
+    good = _scores([-1.0, -1.0, -1.0], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
+    bad = getattr(good, field).clone()
+    bad[2] = float("nan")
+    with pytest.raises(NaNInputError, match=rf"^scores\.{field} contains NaN; expected finite values$") as exc:
+        dm.ops.adjust_interactions(good._replace(**{field: bad}))
+    assert isinstance(exc.value, ValueError) and exc.value.argument == f"scores.{field}"
+
+
+def test_adjust_interactions_does_not_read_the_pmi_fields():
+    # mean R = -1 < 0, mean S = 0.2: c = 1; a NaN pmi is passed through unchanged
+    nan_pmi = torch.tensor([0.0, float("nan")], dtype=torch.float64)
+    given = _scores([-1.0, -1.0], [0.5, 0.5], [0.5, 0.5], [0.2, 0.2])._replace(pmi_1=nan_pmi)
+    out = dm.ops.adjust_interactions(given)
+    assert out.redundancy.tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert out.synergy.tolist() == pytest.approx([1.2, 1.2], abs=1e-12)
+    assert out.unique_1.tolist() == pytest.approx([-0.5, -0.5], abs=1e-12)
+    assert out.pmi_1 is nan_pmi
+
+
+def test_adjust_interactions_compiles_fullgraph_without_value_checks():
+    gen = torch.Generator().manual_seed(3)
+    fields = [torch.randn(9, generator=gen) - 0.5 for _ in range(7)]
+    compiled = torch.compile(lambda *t: tuple(dm.ops.adjust_interactions(InteractionScores(*t))), fullgraph=True)
+    want = dm.ops.adjust_interactions(InteractionScores(*fields))
+    for got, expected in zip(compiled(*fields), want):
+        torch.testing.assert_close(got, expected)
+    fields[6] = fields[6].clone()
+    fields[6][4] = float("nan")
+    out = compiled(*fields)  # the graph carries no value check: NaN in, NaN out
+    assert torch.isnan(out[6][4])
 
 
 def _direct_bad_calls(device):
