@@ -85,6 +85,9 @@ def _config(args, preset: str):
 
     if args.config:
         config = DMILConfig.from_yaml(args.config, preset=preset)
+        if args.preset is not None and config.preset != args.preset:
+            raise ValueError(f"--preset {args.preset} and the preset {config.preset!r} that {args.config} sets "
+                             "disagree: give one of them")
     else:
         config = DMILConfig.from_preset(preset)
     if args.seed is not None:

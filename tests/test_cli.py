@@ -96,6 +96,26 @@ def test_train_into_an_earlier_runs_out_is_refused_unless_resume_or_overwrite(ti
     assert json.loads((out / "metrics.json").read_text())["seed"] == 8
 
 
+def test_a_preset_flag_that_disagrees_with_the_config_file_is_refused(tiny, tmp_path, capsys):
+    """--preset given on the command line and another preset in --config: one of them would be
+    dropped silently, so neither is taken; agreeing ones run."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("preset: published\n")
+    out = tmp_path / "o"
+    _refused(["train", "--data", str(tiny), "--method", "joint", "--out", str(out), "--preset", "features",
+              "--config", str(cfg), "--no-progress", "--quiet"], capsys, "--preset features", "'published'",
+             str(cfg))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [".inf", "1e400"])
+def test_an_infinite_epoch_count_in_the_config_is_a_usage_error(tiny, tmp_path, capsys, value):
+    cfg = tmp_path / "inf.yaml"
+    cfg.write_text(f"n_epochs: {value}\n")
+    _refused(["train", "--data", str(tiny), "--method", "dmil", "--out", str(tmp_path / "o"), "--config", str(cfg),
+              "--no-progress", "--quiet"], capsys, "n_epochs", "must be int")
+
+
 def _bad(tiny, tmp_path, name, edit):
     d = _copy(tiny, tmp_path / name)
     edit(d)

@@ -49,7 +49,7 @@ class DMILConfig:
     0.1, 0.5, 0.25, 0.3, 0.1: the same effective objective (every KL weighted 0.1 * 0.2 = 0.02 *
     beta, every reconstruction term lamb * beta_rec unchanged). ``stage2_beta_all`` (only in
     those older files, never read by the official trainer) is accepted and unused. Official names (``cfgs/train.yaml`` and ``cfgs/optimizer/*.yaml``):
-    ``batch_size``, ``lr``, ``n_epochs``, ``random_seed`` (also settable as ``seed``),
+    ``batch_size``, ``lr``, ``n_epochs``, ``random_seed`` (``seed`` in a YAML file),
     ``val_freq``, ``embed_size`` (the CREMA-D dataset config sets 32), ``optimizer`` ("SGD" or
     "Adam"), ``momentum``, ``weight_decay``, ``adam_betas``/``adam_eps`` (the Adam file's
     ``betas``/``eps``).
@@ -246,10 +246,13 @@ class DMILConfig:
         """A copy with ``n_epochs`` total epochs and the stage epochs scaled proportionally.
 
         Stage 1 gets ``max(1, round(stage1_epochs * n_epochs / self.n_epochs))`` epochs, stage 2
-        the same (at least 1 when it is enabled and the run is long enough), stage 3 the rest.
+        the same (at least 1 when it is enabled and the run is long enough), stage 3 the rest. A
+        schedule that stops after stage 1 (``stage2_epochs=0``) gives stage 1 all ``n_epochs``.
         """
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {n_epochs!r}")
+        if self.stage2_epochs == 0:  # DMIL stops after stage 1: the epochs asked for are all stage 1's
+            return dataclasses.replace(self, n_epochs=n_epochs, stage1_epochs=n_epochs)
         ratio = n_epochs / self.n_epochs
         s1 = min(n_epochs, max(1, round(self.stage1_epochs * ratio)))
         s2 = 0
@@ -430,7 +433,7 @@ def _coerce(values: Dict[str, Any], path: Path) -> Dict[str, Any]:
                 if len(value) != 2:
                     raise ValueError
                 out[key] = (float(value[0]), float(value[1]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: .inf or 1e400 for an int
             raise ValueError(f"setting {key!r} in {path} must be {getattr(kind, '__name__', kind)}, "
                              f"got {value!r}") from None
     return out

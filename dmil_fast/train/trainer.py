@@ -26,6 +26,7 @@ import json
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -105,6 +106,11 @@ class Trainer(ResumableTraining):
         if not isinstance(overwrite, bool):
             raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
         self.method, self.config, self.overwrite = method, config, overwrite
+        if method == "dmil" and config.stage2_epochs == 0 and config.n_epochs > config.stage1_epochs:
+            warnings.warn(f"stage2_epochs is 0, so DMIL stops after stage 1's {config.stage1_epochs} epochs: "
+                          f"{config.n_epochs - config.stage1_epochs} of n_epochs={config.n_epochs} do not run "
+                          "(set stage1_epochs to n_epochs, or scale the config with --epochs / config.scaled)",
+                          UserWarning, stacklevel=2)
         self.dist = dist or DistContext(device=check_device(device))
         self.device = self.dist.device
         self.per_rank_batch = per_rank_batch(config.batch_size, self.dist.world_size)

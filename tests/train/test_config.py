@@ -165,6 +165,17 @@ def test_scaled_keeps_the_stage_proportions():
         DMILConfig().scaled(0)
 
 
+def test_scaled_gives_a_stage1_only_schedule_every_epoch_asked_for():
+    """stage2_epochs=0 stops DMIL after stage 1: scaling to N epochs must then run N epochs of
+    stage 1 (proportional scaling ran round(6 * 20 / 50) = 2 of the 20)."""
+    from dmil_fast.train.trainer import stage_of_epoch
+
+    c = DMILConfig.for_features(stage2_epochs=0).scaled(20)
+    assert (c.n_epochs, c.stage1_epochs, c.stage2_epochs) == (20, 20, 0)
+    assert [stage_of_epoch(e, c) for e in (1, 20, 21)] == [1, 1, None]
+    assert DMILConfig.for_features(stage2_epochs=0).scaled(1).stage1_epochs == 1
+
+
 def test_the_plateau_schedules_the_official_trainer_hard_codes():
     """(factor, patience) of the official train.py's ReduceLROnPlateau calls: the baselines' scheduler
     (0.1, 2), stage 1 (0.2, 2), stage 2 (0.1, 1), stage 3 (0.1, 10)."""
@@ -219,3 +230,30 @@ def test_a_backend_given_for_a_baseline_is_ignored_as_documented():
     config = DMILConfig(embed_size=4, input_size=8, encoder_hidden=12, joint_fusion_hidden=7)
     assert isinstance(build_model("joint", (5, 6), 3, config, backend="reference"), JointModel)
     assert isinstance(build_model("ensemble", (5, 6), 3, config, backend="triton"), EnsembleModel)
+
+
+def test_a_dmil_run_that_would_skip_epochs_says_so(tmp_path):
+    """n_epochs beyond stage 1 with stage2_epochs=0 never runs for DMIL: the trainer warns with the
+    numbers (the baselines, which run n_epochs, do not warn)."""
+    import warnings
+
+    from dmil_fast.train import Trainer
+    from tests.train.toy import separable_data
+
+    config = DMILConfig(n_epochs=5, stage1_epochs=2, stage2_epochs=0, embed_size=4, input_size=8, encoder_hidden=8,
+                        encoder_depth=1, batch_size=16, joint_fusion_hidden=4)
+    with pytest.warns(UserWarning, match="stops after stage 1's 2 epochs: 3 of n_epochs=5 do not run"):
+        Trainer(separable_data(), config, method="dmil", out_dir=tmp_path / "d", echo=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(separable_data(), config, method="joint", out_dir=tmp_path / "j", echo=None)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", "1e400"])
+def test_an_infinite_int_setting_is_a_clear_error(tmp_path, value):
+    """YAML reads .inf as float infinity (1e400 too, once a float), which int() cannot take: the same ValueError
+    naming the setting and the file as any other bad value, not an OverflowError."""
+    path = tmp_path / "inf.yaml"
+    path.write_text(f"n_epochs: {value}\n")
+    with pytest.raises(ValueError, match=r"setting 'n_epochs' in .*inf\.yaml must be int, got "):
+        DMILConfig.from_yaml(path)
