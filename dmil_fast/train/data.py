@@ -133,21 +133,67 @@ class FeatureData:
     @classmethod
     def from_tensors(cls, train: Sequence, val: Sequence, test: Sequence, *, num_classes: int,
                      class_names: Optional[List[str]] = None, type_names: Optional[List[str]] = None) -> "FeatureData":
-        """From ``(x1, x2, y[, types])`` tuples per split (in-memory data, tests)."""
-        def split(parts):
-            x1, x2, y = parts[:3]
-            types = np.asarray(parts[3]) if len(parts) > 3 and parts[3] is not None else None
-            return Split(x1.float(), x2.float(), y.long(), torch.arange(len(y)), types)
+        """From ``(x1, x2, y[, types])`` tuples per split (in-memory data, tests).
 
-        s = [split(p) for p in (train, val, test)]
-        for name, part in zip(("train", "val", "test"), s):
-            if len(part) == 0:
-                raise ValueError(f"the {name} split has no samples")
-            for modality, x in (("x1", part.x1), ("x2", part.x2)):
-                finite = torch.isfinite(x).reshape(len(x), -1).all(dim=1)
-                if not bool(finite.all()):
-                    row = int((~finite).nonzero()[0, 0])
-                    raise ValueError(f"the {name} split's {modality} has NaN or inf features at row {row}")
+        x1 (N, D1) and x2 (N, D2) floating tensors of the same widths in every split, y (N,) integer
+        labels in [0, num_classes), types (N,) integer codes below ``len(type_names)`` (or None).
+        Everything is checked here, as :meth:`load` checks files: a ValueError or TypeError names
+        the split and the argument.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names must name the {num_classes} classes, got {len(class_names)} names")
+        s = [_tensor_split(name, parts, num_classes, type_names)
+             for name, parts in (("train", train), ("val", val), ("test", test))]
+        dims = (int(s[0].x1.shape[1]), int(s[0].x2.shape[1]))
+        for name, part in zip(("val", "test"), s[1:]):
+            if (int(part.x1.shape[1]), int(part.x2.shape[1])) != dims:
+                raise ValueError(f"the {name} split has features of widths ({part.x1.shape[1]}, {part.x2.shape[1]}), "
+                                 f"the train split {dims}; expected the same in every split")
         names = class_names or [f"class_{k}" for k in range(num_classes)]
-        return cls(s[0], s[1], s[2], (int(s[0].x1.shape[1]), int(s[0].x2.shape[1])), num_classes, names,
-                   type_names, "<memory>")
+        return cls(s[0], s[1], s[2], dims, num_classes, names, type_names, "<memory>")
+
+
+def _tensor_split(name: str, parts: Sequence, num_classes: int, type_names: Optional[List[str]]) -> Split:
+    """One checked split of :meth:`FeatureData.from_tensors`."""
+    if not isinstance(parts, (tuple, list)) or len(parts) not in (3, 4):
+        raise ValueError(f"the {name} split must be a tuple (x1, x2, y) or (x1, x2, y, types), got "
+                         f"{type(parts).__name__}" + (f" of {len(parts)} items" if isinstance(parts, (tuple, list)) else ""))
+    x1, x2, y = parts[:3]
+    for arg, value in (("x1", x1), ("x2", x2), ("y", y)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"the {name} split's {arg} must be a torch.Tensor, got {type(value).__name__}")
+    if y.dim() != 1 or len(y) == 0:
+        raise ValueError(f"the {name} split's y must be 1-D (N,) labels with N >= 1, got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"the {name} split's y must hold integer class labels, got dtype {y.dtype}")
+    n = len(y)
+    for modality, x in (("x1", x1), ("x2", x2)):
+        if x.dim() != 2 or x.shape[1] == 0:
+            raise ValueError(f"the {name} split's {modality} must be 2-D (N, D) features with D >= 1, "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[0] != n:
+            raise ValueError(f"the {name} split's {modality} has {x.shape[0]} rows and y {n}; expected one row per label")
+        if not x.is_floating_point():
+            raise TypeError(f"the {name} split's {modality} must be floating features, got dtype {x.dtype}")
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"the {name} split's {modality} has NaN or inf features at row {row}")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"the {name} split's labels must lie in [0, num_classes) = [0, {num_classes}), "
+                         f"got values from {lo} to {hi}")
+    types = None
+    if len(parts) > 3 and parts[3] is not None:
+        types = np.asarray(parts[3])
+        if types.shape != (n,) or not np.issubdtype(types.dtype, np.integer):
+            raise ValueError(f"the {name} split's types must be (N,) = ({n},) integer codes, got shape "
+                             f"{types.shape} of {types.dtype}")
+        count = len(type_names) if type_names is not None else None
+        if types.min() < 0 or (count is not None and types.max() >= count):
+            raise ValueError(f"the {name} split's types must lie in [0, len(type_names))"
+                             + (f" = [0, {count})" if count is not None else "")
+                             + f", got values from {types.min()} to {types.max()}")
+    return Split(x1.float(), x2.float(), y.long(), torch.arange(n), types)

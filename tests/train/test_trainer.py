@@ -172,3 +172,49 @@ def test_from_tensors_takes_each_modalitys_own_width():
     assert data.dims == (3, 5)
     assert data.class_names == ["class_0", "class_1"] and data.type_names is None
     assert torch.equal(data.train.idx, torch.arange(6)) and data.train.x1.dtype == torch.float32
+
+
+def _parts(n, *, w1=3, w2=5, classes=2):
+    g = torch.Generator().manual_seed(n)
+    return [torch.randn(n, w1, generator=g), torch.randn(n, w2, generator=g), torch.arange(n) % classes,
+            np.arange(n) % 4]
+
+
+def _edit(index, value, n=6):
+    parts = _parts(n)
+    parts[index] = value
+    return tuple(parts)
+
+
+TYPES = ["redundancy", "unique_1", "unique_2", "synergy"]
+
+
+@pytest.mark.parametrize("test_split,error,needles", [
+    (_edit(1, torch.randn(5, 5)), ValueError, ("test split's x2 has 5 rows and y 6",)),
+    (_edit(2, torch.tensor([0, 1, 2, 0, 1, 0])), ValueError, ("test split's labels", "[0, 2)", "to 2")),
+    (_edit(2, torch.tensor([0, 1, -1, 0, 1, 0])), ValueError, ("test split's labels", "from -1")),
+    (_edit(2, torch.zeros(6)), TypeError, ("test split's y", "integer class labels", "float32")),
+    (_edit(3, np.arange(5) % 4), ValueError, ("test split's types", "(6,)")),
+    (_edit(3, np.array([0, 1, 2, 3, 4, 0])), ValueError, ("test split's types", "[0, 4)", "to 4")),
+    (_edit(0, torch.randn(6, 3, 2)), ValueError, ("test split's x1 must be 2-D",)),
+    (_edit(0, np.zeros((6, 3), np.float32)), TypeError, ("test split's x1 must be a torch.Tensor", "ndarray")),
+    (_edit(0, torch.ones(6, 3, dtype=torch.int64)), TypeError, ("test split's x1 must be floating",)),
+    (tuple(_parts(6, w1=4)), ValueError, ("test split has features of widths (4, 5)", "(3, 5)")),
+    (tuple(_parts(6))[:2], ValueError, ("test split must be a tuple (x1, x2, y)", "2 items")),
+])
+def test_from_tensors_refuses_inconsistent_splits_naming_split_and_argument(test_split, error, needles):
+    """Rows, label range and dtype, type codes, ranks and widths are checked when the data is made,
+    as FeatureData.load checks files (a wrong types length surfaced only after the whole training,
+    a short x2 as an IndexError, labels past num_classes only in the loss)."""
+    with pytest.raises(error) as exc:
+        FeatureData.from_tensors(tuple(_parts(12)), tuple(_parts(6)), test_split, num_classes=2, type_names=TYPES)
+    for needle in needles:
+        assert needle in str(exc.value), (needle, str(exc.value))
+
+
+def test_from_tensors_checks_num_classes_and_class_names():
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        FeatureData.from_tensors(tuple(_parts(12)), tuple(_parts(6)), tuple(_parts(6)), num_classes=0)
+    with pytest.raises(ValueError, match="class_names must name the 2 classes, got 3 names"):
+        FeatureData.from_tensors(tuple(_parts(12)), tuple(_parts(6)), tuple(_parts(6)), num_classes=2,
+                                 class_names=["a", "b", "c"])
