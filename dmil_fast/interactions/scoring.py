@@ -46,8 +46,9 @@ def _outputs(model, b1: torch.Tensor, b2: torch.Tensor) -> dict:
 
 def _batches(dataset, batch_size: int, device: torch.device, num_workers: int):
     """Yield (x1, x2, y, index) batches in dataset order; index = item[3] when items carry one."""
+    # A private generator: without one the loader draws its workers' base seed from the global RNG.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
     position = 0
     for item in loader:
         b1, b2, by = item[0], item[1], item[2]
@@ -83,7 +84,7 @@ def score_model(model: torch.nn.Module, dataset, *, batch_size: int = 256, densi
         ``indices`` (N,) int64, the sample indices of the rows (item[3], else 0..N-1).
 
     The model is put in eval mode for the call (afterwards each submodule has its own earlier mode
-    again) and runs under ``torch.no_grad()``.
+    again) and runs under ``torch.no_grad()``. The global random state is left untouched.
     """
     if not hasattr(model, "interaction_outputs"):
         raise TypeError(f"model must provide interaction_outputs(visual, audio); {type(model).__name__} does not")
@@ -135,7 +136,9 @@ def _score(model, dataset, *, batch_size, density_epochs, density_components, de
         densities = []
         for k, chunks in enumerate((emb1, emb2)):
             emb = torch.cat(chunks)
-            knife = KNIFE(emb.shape[1], density_components).to(device)
+            with torch.random.fork_rng(devices=[]):  # fit() re-initialises from its own seeded generator
+                knife = KNIFE(emb.shape[1], density_components)
+            knife = knife.to(device)
             with torch.enable_grad():
                 knife.fit(emb, epochs=density_epochs, batch_size=batch_size, lr=density_lr, seed=seed + k,
                           progress=progress)

@@ -191,3 +191,20 @@ def test_labels_that_are_not_integers_are_refused(dataset, dtype):
     labels = (y % 2).to(dtype) if dtype == torch.bool else y.to(dtype) + 0.25
     with pytest.raises(TypeError, match=rf"^dataset labels must hold integer class labels, got dtype {dtype}$"):
         score_model(StandIn(3, 4), TensorDataset(x1, x2, labels), redundancy="mmi", progress=False)
+
+
+def test_scoring_leaves_the_global_rng_untouched(dataset):
+    """Neither the loader (its base seed) nor building the densities draws from the global RNG:
+    the next draw after scoring is the one right after seeding, and the scores do not depend on it."""
+    model = StandIn(3, 4).eval()
+    torch.manual_seed(123)
+    expected = torch.randn(1)
+    results = []
+    for start in (123, 7):
+        torch.manual_seed(start)
+        scores, _ = score_model(model, dataset, batch_size=64, density_epochs=2, progress=False)
+        if start == 123:
+            assert torch.equal(torch.randn(1), expected)
+        results.append(scores)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
