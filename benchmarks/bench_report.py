@@ -122,6 +122,20 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from HEAD (the results then measured more than ``commit``);
+    None when unknown: ``DMIL_FAST_COMMIT`` names the commit, or git is not there."""
+    if os.environ.get("DMIL_FAST_COMMIT"):
+        return None
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10,
+                             check=True)
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _version(dist: str) -> Optional[str]:
     try:
         return importlib.metadata.version(dist)
@@ -163,6 +177,7 @@ def machine_description() -> Dict[str, object]:
         "cpu_kernel_isa": cpu_kernel_isa(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
+        "commit_dirty": _git_dirty(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _version("triton") or _version("pytorch-triton"),

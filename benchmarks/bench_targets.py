@@ -5,7 +5,9 @@
 prints one Markdown table: for every target, each case it is judged on, the measured ratio (or
 fraction of copy bandwidth), the goal and whether it is met. Every number comes from the JSON
 files (medians of the timed rounds, ``extra_info`` of each benchmark); a target with no measured
-case says so. Several files are read as one run only for the table: each ratio is formed inside
+case says so. Only the cases marked ``target`` (``extra_info["target"]``, the shapes each
+benchmark file's ``TARGETS`` names) are judged, so a run of the whole grid gets the same verdicts
+as one of ``-m target``; files written before that field existed are judged on every case. Several files are read as one run only for the table: each ratio is formed inside
 one file, from providers timed side by side in one session.
 
 The targets (H100; issue "Benchmarks"):
@@ -88,12 +90,15 @@ class Result:
 
 
 def read_results(payload: dict) -> List[Result]:
-    """The timed benchmarks of one results file (those without a median are left out)."""
+    """The timed target cases of one results file (those without a median are left out; in a file
+    that records ``extra_info["target"]``, so are the cases not marked ``target``)."""
     out = []
-    for record in payload.get("benchmarks", []):
+    records = payload.get("benchmarks", [])
+    marked = any("target" in (record.get("extra_info") or {}) for record in records)
+    for record in records:
         info = record.get("extra_info", {})
         median = (record.get("stats") or {}).get("median")
-        if not median or "op" not in info:
+        if not median or "op" not in info or (marked and info.get("target") is not True):
             continue
         out.append(Result(info["op"], str(info.get("variant")), str(info.get("provider")),
                           str(info.get("shape")), str(info.get("dtype")), str(info.get("device")),
@@ -108,13 +113,17 @@ def _by_case(results: Iterable[Result]) -> Dict[tuple, Dict[str, Result]]:
     return cases
 
 
-def _rows_of_shape(shape: str) -> int:
-    """The leading ``B=`` / ``N=`` number of a shape string (0 when there is none)."""
-    head = shape.split()[0] if shape else ""
-    try:
-        return int(head.split("=", 1)[1])
-    except (IndexError, ValueError):
-        return 0
+def _size_of_shape(shape: str) -> int:
+    """The product of the ``K=N`` numbers of a shape string (``B=1048576 E=256`` -> 2**28; 0 when
+    there are none), so that the largest shape is the one of most elements, not of most rows."""
+    size = 0
+    for part in shape.split() if shape else ():
+        try:
+            value = int(part.split("=", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        size = value if size == 0 else size * value
+    return size
 
 
 def _label(case: tuple, provider: str, against: str = "") -> str:
@@ -126,7 +135,7 @@ def _label(case: tuple, provider: str, against: str = "") -> str:
 # ---------------------------------------------------------------- the targets
 
 def bandwidth_rows(results: Sequence[Result]) -> List[Row]:
-    """Fraction of copy bandwidth of the fused kernels at the largest GPU shape of each op."""
+    """Fraction of copy bandwidth of the fused kernels at the largest GPU shape (most elements) of each op."""
     rows = []
     name = "memory-bound kernels, fraction of copy bandwidth"
     for op in ("gaussian_sample", "diagonal_gaussian_kl", "interaction_scores"):
@@ -135,8 +144,8 @@ def bandwidth_rows(results: Sequence[Result]) -> List[Row]:
         if not mine:
             rows.append(Row(name, f"{op} (cuda)", None, BANDWIDTH_GOAL, "%"))
             continue
-        largest = max(_rows_of_shape(r.shape) for r in mine)
-        for r in sorted((r for r in mine if _rows_of_shape(r.shape) == largest),
+        largest = max(_size_of_shape(r.shape) for r in mine)
+        for r in sorted((r for r in mine if _size_of_shape(r.shape) == largest),
                         key=lambda r: (r.variant, r.dtype, r.shape, r.provider)):
             rows.append(Row(name, _label(r.case, r.provider), float(r.info["fraction_of_copy_bw"]),
                             BANDWIDTH_GOAL, "%"))
@@ -224,6 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             payload = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             print(f"error: cannot read results file {path}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(payload, dict) or not isinstance(payload.get("benchmarks", []), list):
+            print(f"error: {path} is not a results file (a JSON object with a 'benchmarks' list)", file=sys.stderr)
             return 2
         sources.append(f"{path.name} ({payload.get('device')}, commit {str(payload.get('commit'))[:7]})")
         rows += [r for r in target_rows(read_results(payload)) if r.measured is not None]

@@ -97,6 +97,8 @@ for phase in $phases; do
         tail -n 15 "$out/tests.log"
         ;;
     bench)
+        # Judge only the results JSON of this run: an OUT_DIR used before may hold older ones.
+        mapfile -t earlier_json < <(compgen -G "$out/*.json" || true)
         say "bench: ops"
         pytest_phase "bench ops" "${GPU_RUN_OPS_S:-180}" "$out/bench-ops.log" benchmarks -m target -k "$keywords" -q \
             -p no:cacheprovider --ignore=benchmarks/test_bench_dmil_step.py \
@@ -116,8 +118,12 @@ for phase in $phases; do
         cat "$out/activation.tmp" >>"$out/bench-step.log"
         cat "$out/activation.tmp"
         rm -f "$out/activation.tmp"
-        if compgen -G "$out/*.json" >/dev/null; then
-            "$py" benchmarks/bench_targets.py "$out"/*.json >"$out/targets.md" 2>&1 || phase_failed targets
+        new_json=()
+        for f in "$out"/*.json; do
+            [[ -f "$f" && ! " ${earlier_json[*]} " =~ " $f " ]] && new_json+=("$f")
+        done
+        if (( ${#new_json[@]} )); then
+            "$py" benchmarks/bench_targets.py "${new_json[@]}" >"$out/targets.md" 2>&1 || phase_failed targets
             cat "$out/targets.md"
         else
             phase_failed "bench (no results JSON was written)"

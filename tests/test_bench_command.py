@@ -41,6 +41,7 @@ def test_runs_the_selected_case_saves_a_new_file_and_judges_it(tmp_path):
     cases = {(r["extra_info"]["provider"], r["extra_info"]["device"]) for r in payload["benchmarks"]}
     assert cases == {("reference", "cpu"), ("cpp", "cpu")}
     assert all(r["stats"]["rounds"] >= 1 for r in payload["benchmarks"])  # timed, not a disabled run
+    assert all(r["extra_info"]["target"] is True for r in payload["benchmarks"])  # -m target: all marked
     assert f"results saved to {saved[0]}" in done.stdout
     assert f"results saved to {earlier}" not in done.stdout
     # The targets table of the new file: the CPU target measured, every GPU one not.

@@ -54,3 +54,27 @@ def test_write_json_never_overwrites_an_earlier_file(tmp_path, monkeypatch):
     payload = json.loads(second.read_text())
     assert payload["device"] == "Test GPU" and len(payload["benchmarks"]) == 3
     assert payload["benchmarks"][0]["stats"]["median"] == 3e-3
+
+
+def test_the_commit_is_marked_dirty_when_tracked_files_differ(tmp_path, monkeypatch):
+    """A fresh git repository stands in for the source tree: clean after its commit, dirty once a
+    tracked file changes, unknown when DMIL_FAST_COMMIT names the commit instead."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench_report.py").write_text("x = 1\n")
+    git("add", "bench_report.py")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(bench_report, "__file__", str(tmp_path / "bench_report.py"))
+    monkeypatch.delenv("DMIL_FAST_COMMIT", raising=False)
+    assert bench_report._git_dirty() is False
+    (tmp_path / "untracked.txt").write_text("not part of the tree\n")
+    assert bench_report._git_dirty() is False
+    (tmp_path / "bench_report.py").write_text("x = 2\n")
+    assert bench_report._git_dirty() is True
+    monkeypatch.setenv("DMIL_FAST_COMMIT", "0123abc")
+    assert bench_report._git_dirty() is None

@@ -30,13 +30,16 @@ def _run(out, *phases, **env):
 
 def test_bench_phase_saves_results_and_judges_them(tmp_path):
     out = tmp_path / "gpu-run"
+    out.mkdir()
+    stale = out / "earlier-run.json"  # a results file of an earlier run in a reused OUT_DIR: not judged
+    stale.write_text(json.dumps({"device": "old", "commit": "feedbee", "benchmarks": []}))
     done = _run(out, "bench", GPU_RUN_KEYWORDS="fwd-cpu-float32-B4096xC6",
                 GPU_RUN_ACT_ARGS="--batch 16 --embed 8", DMIL_FAST_COMMIT="0123abc")
     # The ops session ran the selected CPU target cases; the DMIL-step/LSMI session, whose target
     # cases are all on the GPU, selected nothing: one failed phase, said as such.
     assert done.returncode == 1, done.stdout + done.stderr
     assert "bench step: no test selected" in done.stdout
-    results = list(out.glob("*.json"))
+    results = [p for p in out.glob("*.json") if p != stale]
     assert len(results) == 1, sorted(p.name for p in out.iterdir())
     payload = json.loads(results[0].read_text())
     assert payload["commit"] == "0123abc"  # named by the caller: the GPU's copy of the tree has no .git
@@ -45,12 +48,13 @@ def test_bench_phase_saves_results_and_judges_them(tmp_path):
     table = (out / "targets.md").read_text()
     assert "interaction_scores fwd cpu float32 B=4096 C=6: cpp vs reference" in table
     assert "not measured" in table  # every GPU target
+    assert results[0].name in table and stale.name not in table
     assert {"bench-ops.log", "bench-step.log", "targets.md"} <= {p.name for p in out.iterdir()}
     # The activation-memory table follows the step session's log, one row per stage.
     step_log = (out / "bench-step.log").read_text()
     assert "activation memory kept for the backward, B=16" in step_log
     assert all(f"| {stage} |" in step_log for stage in (1, 2, 3))
-    assert len(list(out.iterdir())) <= 8
+    assert len([p for p in out.iterdir() if p != stale]) <= 8
 
 
 def test_by_default_the_benchmark_sessions_leave_the_cpu_cases_out(tmp_path):

@@ -94,6 +94,49 @@ def test_command_line_names_an_unreadable_file(tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_a_results_object_is_named(tmp_path, capsys):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]\n")
+    assert bench_targets.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "list.json is not a results file" in err and "Traceback" not in err
+
+
+def _scoring(shape, medians, **info):
+    return [_record("interaction_scores", "fwd", provider, shape, "cuda", median, **info)
+            for provider, median in zip(("reference", "compile", "cuda"), medians)]
+
+
+def test_only_the_cases_marked_target_are_judged_when_the_file_records_the_mark():
+    """A run of the whole grid (--all) also times small, launch-bound shapes; judged like a
+    ``-m target`` run, only the marked large cases count (here 6x and 2x: met; the unmarked B=256
+    case at 1.2x and 0.8x would read as NOT met)."""
+    payload = {"benchmarks": _scoring("B=1048576 C=6", (6e-3, 2e-3, 1e-3), target=True)
+               + _scoring("B=256 C=6", (12e-6, 8e-6, 10e-6), target=False)
+               + [_record("gaussian_sample", "fwd", "triton", "B=1048576 E=256", "cuda", 1e-3, target=True,
+                          fraction_of_copy_bw=0.9),
+                  _record("gaussian_sample", "fwd", "triton", "B=1048576 E=32", "cuda", 1e-4, target=False,
+                          fraction_of_copy_bw=0.6)]}
+    rows = [r for r in bench_targets.target_rows(bench_targets.read_results(payload)) if r.measured is not None]
+    scoring = [r for r in rows if r.target == "interaction scoring (GPU)"]
+    assert [(r.case.split(": ")[1], round(r.measured, 6)) for r in scoring] == [("cuda vs reference", 6.0),
+                                                                                 ("cuda vs compile", 2.0)]
+    assert all("B=1048576" in r.case for r in scoring)
+    bandwidth = [r for r in rows if r.target.startswith("memory-bound")]
+    assert [(r.case.split()[-2], r.measured) for r in bandwidth] == [("E=256:", 0.9)]
+
+
+def test_without_the_mark_the_largest_shape_is_the_one_of_most_elements():
+    """Older files carry no ``target`` field: every case is read, and the bandwidth target takes the
+    shape of most elements (1M x 256 rather than 1M x 32 at the same row count)."""
+    payload = {"benchmarks": [
+        _record("gaussian_sample", "fwd", "triton", "B=1048576 E=32", "cuda", 1e-4, fraction_of_copy_bw=0.6),
+        _record("gaussian_sample", "fwd", "triton", "B=1048576 E=256", "cuda", 1e-3, fraction_of_copy_bw=0.9),
+        _record("gaussian_sample", "fwd", "triton", "B=131072 E=1024", "cuda", 1e-3, fraction_of_copy_bw=0.7)]}
+    rows = [r for r in bench_targets.bandwidth_rows(bench_targets.read_results(payload)) if r.measured is not None]
+    assert [(r.case.split()[-2], r.measured) for r in rows] == [("E=256:", 0.9)]
+
+
 def test_every_target_has_the_goal_of_the_issue():
     """The goals of the issue "Benchmarks" (bench_targets' docstring), read off the placeholder
     rows of an empty run: each (target, baseline) once."""
