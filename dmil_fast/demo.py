@@ -87,7 +87,7 @@ def run_demo(args) -> int:
     device = str(check_device(args.device, name="--device"))  # settings first, before any data is written
     check_out_dir(out)
     config = _demo_config(args, epochs)
-    path = make_synthetic(out / "data", n=n, mix=DEMO_MIX, seed=args.seed)
+    path = make_synthetic(out / "data", n=n, mix=DEMO_MIX, seed=args.seed, overwrite=True)
     data = FeatureData.load(path)
     print(f"synthetic set: {n} samples, mix (redundancy, unique_1, unique_2, synergy) = {DEMO_MIX}, "
           f"{data.num_classes} classes, chance {1 / data.num_classes:.3f}")

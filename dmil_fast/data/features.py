@@ -139,31 +139,50 @@ class _Storage:
             where = f"in HDF5 file {self.path}" if self.is_hdf5 else f"file {self.path / (name + '.npy')}"
             raise FileNotFoundError(f"feature dataset '{name}' is missing: no {where}")
         if self.is_hdf5:
-            return self._file()[name]
+            import h5py
+
+            node = self._file()[name]
+            if not isinstance(node, h5py.Dataset):
+                raise ValueError(f"{self.path}: '{name}' must be an HDF5 dataset (an array), "
+                                 f"got an HDF5 {type(node).__name__.lower()}")
+            return node
         file = self.path / f"{name}.npy"
         try:
-            return np.load(file, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"cannot read {file} as a .npy array: {exc}") from exc
+        if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+            array.close()
+            raise ValueError(f"cannot read {file} as a .npy array: it is an .npz archive "
+                             f"(arrays {', '.join(map(repr, array.files))}); expected one array saved by np.save")
+        return array
 
     def meta(self) -> dict:
         if self.is_hdf5:
             attr = self._file().attrs.get("meta")
             if attr is not None:
-                text = attr.decode() if isinstance(attr, bytes) else str(attr)
-                return _parse_meta(text, f"{self.path} (attribute 'meta')")
+                source = f"{self.path} (attribute 'meta')"
+                text = _decode_meta(attr, source) if isinstance(attr, bytes) else str(attr)
+                return _parse_meta(text, source)
             candidates = [self.path.with_suffix(".meta.json"), self.path.parent / "meta.json"]
         else:
             candidates = [self.path / "meta.json"]
         for file in candidates:
             if file.is_file():
-                return _parse_meta(file.read_text(), str(file))
+                return _parse_meta(_decode_meta(file.read_bytes(), str(file)), str(file))
         return {}
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
         self._h5 = None
+
+
+def _decode_meta(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source} must be UTF-8 encoded JSON text: {exc}") from exc
 
 
 def _parse_meta(text: str, source: str) -> dict:

@@ -248,6 +248,54 @@ def test_bad_meta_json(tmp_path):
         FeatureDataset(path)
 
 
+@pytest.mark.parametrize("name", ["modality_1", "modality_2", "labels", "split", "interaction_type"])
+def test_zero_byte_npy_names_the_file(tmp_path, name):
+    path = _write_dir(tmp_path / "bad", _arrays(), META)
+    (path / f"{name}.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"cannot read .*bad[/\\]{name}\.npy as a \.npy array"):
+        FeatureDataset(path)
+
+
+@pytest.mark.parametrize("name", ["modality_1", "labels", "split"])
+def test_npz_archive_under_a_npy_name_names_the_file(tmp_path, name):
+    arrays = _arrays()
+    path = _write_dir(tmp_path / "bad", arrays, META)
+    with open(path / f"{name}.npy", "wb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **{name: arrays[name]})
+    with pytest.raises(ValueError, match=rf"{name}\.npy as a \.npy array: it is an \.npz archive"):
+        FeatureDataset(path)
+
+
+def test_meta_json_that_is_not_utf8_names_the_file(tmp_path):
+    path = _write_dir(tmp_path / "bad", _arrays())
+    (path / "meta.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"bad[/\\]meta\.json must be UTF-8"):
+        FeatureDataset(path)
+
+
+def test_hdf5_meta_attribute_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "feats.h5"
+    with h5py.File(path, "w") as f:
+        for name, value in _arrays().items():
+            f.create_dataset(name, data=value)
+        f.attrs["meta"] = np.bytes_(b"\xff{}")
+    with pytest.raises(ValueError, match=r"feats\.h5 \(attribute 'meta'\) must be UTF-8"):
+        FeatureDataset(path)
+
+
+@pytest.mark.parametrize("name", ["modality_1", "modality_2", "labels", "split", "interaction_type"])
+def test_hdf5_group_instead_of_dataset_names_file_and_key(tmp_path, name):
+    path = tmp_path / "feats.h5"
+    with h5py.File(path, "w") as f:
+        for key, value in _arrays().items():
+            if key == name:
+                f.create_group(key).create_dataset("inner", data=value)
+            else:
+                f.create_dataset(key, data=value)
+    with pytest.raises(ValueError, match=rf"feats\.h5: '{name}' must be an HDF5 dataset .*group"):
+        FeatureDataset(path)
+
+
 def test_index_out_of_range(feature_dir):
     ds = FeatureDataset(feature_dir[0], "train")
     assert int(ds[-1][3]) == int(ds.indices[-1])

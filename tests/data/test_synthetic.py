@@ -5,14 +5,20 @@ redundant training rows, never the generator's prototypes.
 """
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from dmil_fast.data import INTERACTION_TYPES, make_synthetic
+from dmil_fast.data import INTERACTION_TYPES, FeatureDataset, make_synthetic
 from dmil_fast.data import synthetic as synthetic_module
 
 FILES = ("modality_1.npy", "modality_2.npy", "labels.npy", "split.npy", "interaction_type.npy")
+ALL_FILES = FILES + ("meta.json",)
 
 
 def _load(path):
@@ -184,3 +190,157 @@ def test_the_two_modalities_draw_independent_noise(tmp_path):
     rows = kind == INTERACTION_TYPES.index("unique_1")
     residual = x1[rows] - np.stack([x1[rows & (y == k)].mean(0) for k in range(6)])[y[rows]]
     assert abs(np.corrcoef(residual.ravel(), x2[rows].ravel())[0, 1]) < 0.05
+
+
+# --- writing: atomic replacement, refusal to overwrite, interruptions -------------------------
+
+def _snapshot(folder):
+    """Every entry under ``folder`` (hidden ones included) with its bytes: what must not change."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+class _InterruptAfter:
+    """Wraps a function so that its call number ``calls + 1`` raises KeyboardInterrupt (as Ctrl-C would)."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.left = fn, calls
+
+    def __call__(self, *args, **kwargs):
+        self.left -= 1
+        if self.left == -1:
+            raise KeyboardInterrupt
+        return self.fn(*args, **kwargs)
+
+
+def test_interrupted_regeneration_leaves_the_earlier_set_byte_for_byte(tmp_path, monkeypatch):
+    target = make_synthetic(tmp_path / "syn", n=700, dim=4, seed=0)
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(synthetic_module, "CHUNK_ROWS", 64)
+    # The writer maps the feature file once per block and modality: interrupted after 3 of 22 blocks.
+    monkeypatch.setattr(np, "load", _InterruptAfter(np.load, 3))
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(target, n=700, dim=4, seed=1, overwrite=True)
+    monkeypatch.undo()
+    assert _snapshot(tmp_path) == before  # nothing in the set changed, no staging directory left
+
+
+def test_interrupted_first_write_leaves_no_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic_module, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(np, "load", _InterruptAfter(np.load, 3))
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(tmp_path / "syn", n=700, dim=4)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+# Six files move in; over an earlier set its six files first move aside: 6 or 12 moves in all.
+@pytest.mark.parametrize("earlier, moves", [(False, k) for k in (0, 1, 3, 5)] + [(True, k) for k in (0, 1, 5, 6, 7, 11)])
+def test_interrupted_while_moving_files_into_place(tmp_path, monkeypatch, earlier, moves):
+    """Ctrl-C between any two of the final moves: the folder is put back as it was."""
+    target = tmp_path / "syn"
+    if earlier:
+        make_synthetic(target, n=300, dim=4, seed=0)
+        (target / "notes.txt").write_text("not part of the set")
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(os, "replace", _InterruptAfter(os.replace, moves))
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(target, n=300, dim=4, seed=1, overwrite=True)
+    monkeypatch.undo()
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_the_set_and_keeps_other_files(tmp_path):
+    target = make_synthetic(tmp_path / "syn", n=500, dim=4, seed=0)
+    (target / "notes.txt").write_text("kept")
+    make_synthetic(target, n=300, dim=6, seed=1, overwrite=True)
+    fresh = make_synthetic(tmp_path / "fresh", n=300, dim=6, seed=1)
+    for name in ALL_FILES:
+        assert (target / name).read_bytes() == (fresh / name).read_bytes()
+    assert (target / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "syn"]
+    assert len(FeatureDataset(target)) == 300
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_refuses_a_folder_holding_a_dataset_file(tmp_path, name):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / name).write_bytes(b"real features")
+    (target / "other.txt").write_text("x")
+    before = _snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=rf"real already holds a feature dataset \({name}\).*overwrite=True"):
+        make_synthetic(target, n=100, dim=4)
+    assert _snapshot(tmp_path) == before
+
+
+def test_refusal_lists_every_dataset_file_held(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    for name in ("labels.npy", "modality_1.npy", "modality_2.npy"):
+        np.save(target / name, np.zeros(3))
+    with pytest.raises(FileExistsError, match=r"modality_1\.npy, modality_2\.npy, labels\.npy"):
+        make_synthetic(target, n=100, dim=4)
+
+
+def test_a_folder_without_dataset_files_is_written(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "readme.txt").write_text("x")
+    make_synthetic(target, n=100, dim=4)
+    assert len(FeatureDataset(target)) == 100 and (target / "readme.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("name", ["x.h5", "x.hdf5", "X.H5"])
+def test_refuses_an_hdf5_path(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"out_dir .*{re.escape(name)}.*directory of \.npy files"):
+        make_synthetic(tmp_path / name, n=100, dim=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_file_as_out_dir(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="afile exists and is not a directory"):
+        make_synthetic(tmp_path / "afile", n=100, dim=4)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_overwrite_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        make_synthetic(tmp_path, n=100, overwrite="yes")
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from dmil_fast.data import synthetic
+synthetic.CHUNK_ROWS = 64
+load = np.load
+calls = []
+def load_or_die(*args, **kwargs):  # the writer maps the feature file once per block and modality
+    calls.append(1)
+    if len(calls) == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return load(*args, **kwargs)
+np.load = load_or_die
+synthetic.make_synthetic(sys.argv[1], n=700, dim=4, seed=1, overwrite=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_a_killed_writer_leaves_the_set_and_a_staging_folder_that_is_no_dataset(tmp_path):
+    target = make_synthetic(tmp_path / "syn", n=700, dim=4, seed=0)
+    before = _snapshot(target)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert _snapshot(target) == before
+    stale = [p for p in tmp_path.iterdir() if p.name != "syn"]
+    assert len(stale) == 1 and stale[0].is_dir() and stale[0].name.startswith(".syn.partial-")
+    assert not any((stale[0] / name).exists() for name in ALL_FILES)
+    with pytest.raises(FileNotFoundError):
+        FeatureDataset(stale[0])
+    # A later call is not blocked by it and writes the complete set.
+    make_synthetic(target, n=700, dim=4, seed=1, overwrite=True)
+    fresh = make_synthetic(tmp_path / "fresh", n=700, dim=4, seed=1)
+    for name in ALL_FILES:
+        assert (target / name).read_bytes() == (fresh / name).read_bytes()
