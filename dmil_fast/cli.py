@@ -80,7 +80,8 @@ def _check_settings(args) -> None:
     check_out_dir(args.out)
 
 
-def _config(args, preset: str):
+def _config(args, preset: str) -> tuple:
+    """(the run's DMILConfig, a note for stderr when --epochs leaves a DMIL stage out, or None)."""
     from .train import DMILConfig
 
     if args.config:
@@ -92,9 +93,30 @@ def _config(args, preset: str):
         config = DMILConfig.from_preset(preset)
     if args.seed is not None:
         config = DMILConfig(**dict(config.to_dict(), random_seed=args.seed, adam_betas=config.adam_betas))
+    note = None
     if args.epochs is not None:
-        config = config.scaled(args.epochs)
-    return config
+        full, config = config, config.scaled(args.epochs)
+        if getattr(args, "method", None) == "dmil":
+            note = _dropped_stages_note(full, config, args.epochs)
+    return config, note
+
+
+def _stage_epochs(config) -> tuple:
+    """Epochs of DMIL stages 1, 2, 3 under ``config`` (stage 2 of 0 ends the run after stage 1)."""
+    if config.stage2_epochs == 0:
+        return config.stage1_epochs, 0, 0
+    return config.stage1_epochs, config.stage2_epochs, config.n_epochs - config.stage1_epochs - config.stage2_epochs
+
+
+def _dropped_stages_note(full, scaled, epochs: int) -> Optional[str]:
+    """What to say when scaling to ``--epochs`` leaves a DMIL stage of the schedule without epochs."""
+    before, after = _stage_epochs(full), _stage_epochs(scaled)
+    dropped = [str(k + 1) for k in range(3) if before[k] > 0 and after[k] == 0]
+    if not dropped:
+        return None
+    last = max(k + 1 for k in range(3) if after[k] > 0)
+    return (f"note: --epochs {epochs} leaves DMIL stage {' and '.join(dropped)} without epochs (stages 1/2/3: "
+            f"{'/'.join(map(str, after))}); the test uses the stage-{last} model")
 
 
 def _load_data(args, config):
@@ -128,7 +150,7 @@ def cmd_train(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("published" if looks_like_cremad(args.data) else "features")
-    config = _config(args, preset)
+    config, note = _config(args, preset)
     data = _load_data(args, config)
     dist = init_distributed(args.device)
     try:
@@ -139,6 +161,8 @@ def cmd_train(args) -> int:
                           backend=args.backend, sync_bn=args.sync_bn, overwrite=args.overwrite)
         if args.pretrained:
             load_pretrained_encoders(trainer.model, args.pretrained)
+        if note is not None and dist.is_main and not args.resume:  # settings checked; said when the run began
+            print(note, file=sys.stderr, flush=True)
         metrics = trainer.fit(resume=args.resume)
     finally:
         shutdown(dist)
@@ -186,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("dmil", "joint", "ensemble"),
                    help="DMIL (three stages), or the joint / ensemble baseline")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=int, help="total epochs; the stage schedule scales proportionally")
+    p.add_argument("--epochs", type=int, help="total epochs; the stage schedule scales proportionally (a DMIL stage it leaves "
+                   "without epochs is noted on stderr)")
     p.add_argument("--config", help="YAML file of DMILConfig settings (official names)")
     p.add_argument("--seed", type=int, help="random seed (default: the config's random_seed)")
     p.add_argument("--preset", choices=("published", "features"),

@@ -51,6 +51,24 @@ def test_train_writes_metrics_and_checkpoints(tiny, small_config, tmp_path, meth
     assert "test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("epochs,note", [("1", "stage 2 and 3 without epochs (stages 1/2/3: 1/0/0); the test uses "
+                                                "the stage-1 model"),
+                                          ("2", "stage 3 without epochs (stages 1/2/3: 1/1/0); the test uses the "
+                                                "stage-2 model"),
+                                          ("3", None)])
+def test_a_short_epochs_that_drops_a_dmil_stage_says_so(tiny, small_config, tmp_path, capsys, epochs, note):
+    """The features preset runs 6/3/41 epochs of stages 1/2/3; scaled to 1 or 2 epochs a stage is
+    left out, which the run says on stderr (the baselines, one stage, never get the note)."""
+    for method in ("dmil", "joint"):
+        assert main(["train", "--data", str(tiny), "--method", method, "--epochs", epochs, "--out",
+                     str(tmp_path / method), "--config", str(small_config), "--no-progress", "--quiet"]) == 0
+        err = capsys.readouterr().err
+        if note is None or method == "joint":
+            assert "note:" not in err, err
+        else:
+            assert f"note: --epochs {epochs} leaves DMIL {note}" in err, err
+
+
 def test_train_reads_a_config_file(tiny, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("embed_size: 8\nencoder_hidden: 16\nbatch_size: 32\n")

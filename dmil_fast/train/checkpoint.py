@@ -148,6 +148,21 @@ def load_weights(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
     return fit_state_dict(model, state, source=str(path))
 
 
+def _synergy_hint(model: torch.nn.Module, state: Mapping[str, torch.Tensor], keys) -> str:
+    """When the synergy modules differ (an official checkpoint has none of ``synergy_hidden``'s
+    hidden layer, which the features preset adds), say which setting makes them fit."""
+    mine = getattr(model, "synergy_hidden", None)
+    if mine is None or not any(k.startswith("cross_modality.") for k in keys):
+        return ""
+    hidden = state.get("cross_modality.fc_hidden.weight")
+    theirs = int(hidden.shape[0]) if hidden is not None else 0
+    if theirs == mine:
+        return ""
+    official = " (the official synergy module; the features preset sets synergy_hidden=64)" if theirs == 0 else ""
+    return (f"; its synergy module has synergy_hidden={theirs}{official}, this model {mine}: "
+            f"set synergy_hidden: {theirs} in a --config file (DMILConfig.synergy_hidden)")
+
+
 def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> torch.nn.Module:
     """:func:`load_weights` for a state_dict in memory; ``source`` names it in errors."""
     own = model.state_dict()
@@ -159,7 +174,8 @@ def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *,
         detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                            for what, keys in (("unexpected", unexpected), ("missing", missing),
                                               ("wrong shape", wrong)) if keys)
-        raise ValueError(f"the weights in {source} do not fit this model ({detail})")
+        raise ValueError(f"the weights in {source} do not fit this model ({detail})"
+                         + _synergy_hint(model, state, unexpected + missing + wrong))
     model.load_state_dict(state, strict=False)
     return model
 

@@ -206,6 +206,8 @@ class Trainer(ResumableTraining):
         self.net = wrap_model(self.model, self.dist, compiled=bool(self.compile))  # buckets follow the trainable set
         if self.compile:
             self.net = torch.compile(self.net, backend="inductor" if self.compile is True else self.compile)
+            self.log.say(f"[{self.method}] stage {stage}: torch.compile builds the model's graphs in the first steps "
+                         "(tens of seconds on a CPU; again at each stage, whose trainable set differs)")
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

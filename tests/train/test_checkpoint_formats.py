@@ -206,3 +206,26 @@ def test_public_names_are_exported():
     assert dtrain.init_distributed is distributed.init_distributed and dtrain.MediaData is media.MediaData
     for module in (dnn, dtrain):
         assert all(hasattr(module, name) for name in module.__all__)
+
+
+def test_init_from_an_official_state_dict_names_the_synergy_setting_it_needs(syn, tmp_path):
+    """The features preset adds a hidden layer to the synergy module (synergy_hidden=64); an official
+    model's state_dict has none. The misfit error says which setting makes it fit, and with it
+    (synergy_hidden=0) the same file loads exactly."""
+    data = FeatureData.load(syn)
+    config = DMILConfig.for_features(n_epochs=1, stage1_epochs=1, stage2_epochs=0)
+    assert config.synergy_hidden == 64
+    torch.manual_seed(3)
+    official = ReferenceDMILModel(None, None, embed_size=config.embed_size, num_class=data.num_classes, stage=3,
+                                  input_size=data.dims[0])
+    torch.save(official.state_dict(), tmp_path / "official.pt")
+    with pytest.raises(ValueError) as exc:
+        Trainer(data, config, method="dmil", out_dir=tmp_path / "a", echo=None, init_from=tmp_path / "official.pt")
+    message = str(exc.value)
+    assert "official.pt" in message and "cross_modality" in message
+    assert "synergy_hidden=0 (the official synergy module" in message and "set synergy_hidden: 0" in message
+    fitting = DMILConfig.for_features(n_epochs=1, stage1_epochs=1, stage2_epochs=0, synergy_hidden=0)
+    trainer = Trainer(data, fitting, method="dmil", out_dir=tmp_path / "b", echo=None,
+                      init_from=tmp_path / "official.pt")
+    for name, value in official.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name

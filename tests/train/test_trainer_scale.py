@@ -86,10 +86,12 @@ def test_compiled_model_trains_like_the_eager_one(syn, tmp_path):
     """torch.compile (aot_eager: the same kernels as eager, so the numbers agree to round-off)."""
     config = DMILConfig(n_epochs=1, stage1_epochs=1, stage2_epochs=0, **SMALL)
     eager = Trainer(FeatureData.load(syn), config, method="joint", out_dir=tmp_path / "e", echo=None).fit()
-    trainer = Trainer(FeatureData.load(syn), config, method="joint", out_dir=tmp_path / "c", echo=None,
+    lines = []
+    trainer = Trainer(FeatureData.load(syn), config, method="joint", out_dir=tmp_path / "c", echo=lines.append,
                       compile="aot_eager")
     compiled = trainer.fit()
     assert type(trainer.net).__name__ == "OptimizedModule" and compiled["compile"] == "aot_eager"
+    assert lines[0].startswith("[joint] stage 1: torch.compile builds the model's graphs")  # before the wait
     assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-5)
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-5)
     # the checkpoint holds the plain model's names, not the compiled wrapper's
