@@ -13,6 +13,7 @@ from torch.nn.modules import module as _module_mod  # the global forward/backwar
 
 from ..ops import BACKENDS
 from ..ops._dispatch import ENV_VAR, _assume_constant_result, choose_backend
+from ..ops._validate import autocast_enabled
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from ._modes import eval_mode
@@ -218,13 +219,6 @@ def pool_encoder_output(x: Tensor, batch_size: int, name: str) -> Tensor:
     raise ValueError(f"{name} must return (B, D) features or (B*T, C, H, W) maps, got shape {tuple(x.shape)}")
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # an older torch without the device-type argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
 def encode_inputs(model: nn.Module, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
     """``model``'s encoders ``visual_net``/``audio_net`` and (T, H, W) pooling on checked inputs:
     -> (B, input_size) features v, a, ready for ``embed_v``/``embed_a``.
@@ -247,7 +241,7 @@ def encode_inputs(model: nn.Module, visual: Tensor, audio: Tensor) -> Tuple[Tens
             raise ValueError(f"the {name} encoder output has {feat.shape[1]} features, expected "
                              f"input_size={model.input_size}")
         weight = layer.weight
-        if feat.dtype != weight.dtype and not _autocast_enabled(feat.device.type):
+        if feat.dtype != weight.dtype and not autocast_enabled(feat.device.type):
             raise TypeError(f"the {name} features are {feat.dtype}, the model's parameters {weight.dtype}: "
                             f"cast the model (model.to({feat.dtype})) or the inputs (.to({weight.dtype})), "
                             f"or run under torch.autocast")

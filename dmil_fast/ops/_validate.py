@@ -50,6 +50,27 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     return first.device
 
 
+def check_fake_devices(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """In a fake kernel (which also serves as the op's meta kernel): the real kernels' check that
+    every tensor argument is on one device, so that a call with one argument on ``meta`` and the
+    others on the CPU raises, as PyTorch's own ops do, instead of returning empty memory."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        shown = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise RuntimeError(f"{op}: every tensor argument must be on one device, got {shown}")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for device types autocast does not know
+    (``meta``), where ``torch.is_autocast_enabled`` raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # an older torch without the device-type argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:
+        return False
+
+
 def check_same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
     items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
     first_name, first = items[0]

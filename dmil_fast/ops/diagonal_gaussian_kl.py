@@ -17,8 +17,8 @@ import torch
 from ..kernels import accumulation_dtype
 from ..reference.gaussian import diagonal_gaussian_kl_ref
 from ._dispatch import choose_backend, register
-from ._validate import (check_choice, check_no_nan, check_same_device, check_same_dtype, check_same_shape,
-                        check_tensor, values_checked)
+from ._validate import (check_choice, check_fake_devices, check_no_nan, check_same_device, check_same_dtype,
+                        check_same_shape, check_tensor, values_checked)
 from .gaussian_sample import backends_of
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,6 +44,7 @@ def _kl_rows_op(q_mu: torch.Tensor, q_logvar: torch.Tensor, p_mu: torch.Tensor,
 
 @_kl_rows_op.register_fake
 def _(q_mu, q_logvar, p_mu, p_logvar):
+    check_fake_devices("diagonal_gaussian_kl_rows", q_mu=q_mu, q_logvar=q_logvar, p_mu=p_mu, p_logvar=p_logvar)
     return q_mu.new_empty(q_mu.shape[:-1], dtype=accumulation_dtype(q_mu.dtype))
 
 
@@ -67,6 +68,8 @@ def _kl_rows_backward_op(grad_rows: torch.Tensor, q_mu: torch.Tensor, q_logvar: 
 
 @_kl_rows_backward_op.register_fake
 def _(grad_rows, q_mu, q_logvar, p_mu, p_logvar, p_mu_grad, p_logvar_grad):
+    check_fake_devices("diagonal_gaussian_kl_rows_backward", grad_rows=grad_rows, q_mu=q_mu, q_logvar=q_logvar,
+                       p_mu=p_mu, p_logvar=p_logvar)
     return (q_mu.new_empty(q_mu.shape), q_logvar.new_empty(q_logvar.shape),
             p_mu.new_empty(p_mu.shape if p_mu_grad else (0,)),
             p_logvar.new_empty(p_logvar.shape if p_logvar_grad else (0,)))

@@ -20,8 +20,8 @@ import torch
 from ..reference.gaussian import gaussian_sample_ref
 from ._dispatch import (OpBackends, choose_backend, cpp_device_reason, cuda_device_reason, dtype_reason,
                         register, triton_device_reason)
-from ._validate import (check_no_nan, check_same_device, check_same_dtype, check_same_shape, check_tensor,
-                        values_checked)
+from ._validate import (check_fake_devices, check_no_nan, check_same_device, check_same_dtype, check_same_shape,
+                        check_tensor, values_checked)
 
 # bfloat16 is left out on the CPU: the interpreter casts to it by truncation, not to nearest even
 TRITON_DTYPES_CPU = (torch.float16, torch.float32, torch.float64)
@@ -66,8 +66,11 @@ def seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
 
 
 def seeded_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
-    """The reference backends' generator: None (torch's global one) or a fresh seeded one."""
-    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+    """The reference backends' generator: None (torch's global one) or a fresh seeded one (None
+    for meta tensors, which hold no values to draw)."""
+    if seed is None or torch.device(device).type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 @torch.library.custom_op("dmil_fast::gaussian_sample", mutates_args=())
@@ -79,6 +82,7 @@ def _gaussian_sample_op(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tens
 
 @_gaussian_sample_op.register_fake
 def _(mu, logvar, seed):
+    check_fake_devices("gaussian_sample", mu=mu, logvar=logvar, seed=seed)
     return mu.new_empty(mu.shape)
 
 
@@ -92,6 +96,7 @@ def _gaussian_sample_backward_op(grad_z: torch.Tensor, logvar: torch.Tensor,
 
 @_gaussian_sample_backward_op.register_fake
 def _(grad_z, logvar, seed):
+    check_fake_devices("gaussian_sample_backward", grad_z=grad_z, logvar=logvar, seed=seed)
     return logvar.new_empty(logvar.shape)
 
 

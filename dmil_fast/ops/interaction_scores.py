@@ -28,8 +28,8 @@ from ._dispatch import (
     register,
     triton_device_reason,
 )
-from ._validate import (FLOAT_DTYPES, NaNInputError, check_choice, check_no_nan, check_same_device, check_same_dtype,
-                        check_tensor, values_checked)
+from ._validate import (FLOAT_DTYPES, NaNInputError, check_choice, check_fake_devices, check_no_nan, check_same_device,
+                        check_same_dtype, check_tensor, values_checked)
 
 __all__ = ["interaction_scores", "adjust_interactions", "InteractionScores"]
 
@@ -82,6 +82,8 @@ BACKENDS = register(OpBackends(_NAME, {
 
 def _fake_forward(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
                   redundancy, save_lse=True):
+    check_fake_devices("interaction_scores", logits_1=logits_1, logits_2=logits_2, logits_12=logits_12, labels=labels,
+                       entropy_1=entropy_1, entropy_2=entropy_2, log_prior=log_prior)
     batch = logits_1.shape[0]
     scores = logits_1.new_empty((batch, 7))
     # max + log-sum, exact in float64; none for a forward without a backward
@@ -91,6 +93,9 @@ def _fake_forward(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, l
 
 def _fake_backward(grad_scores, scores, lse, logits_1, logits_2, logits_12, labels, entropy_1,
                    entropy_2, redundancy):
+    check_fake_devices("interaction_scores_backward", grad_scores=grad_scores, scores=scores, lse=lse,
+                       logits_1=logits_1, logits_2=logits_2, logits_12=logits_12, labels=labels,
+                       entropy_1=entropy_1, entropy_2=entropy_2)
     grad_entropy = logits_1.new_empty((logits_1.shape[0], 2), dtype=accumulation_dtype(logits_1.dtype))
     return (torch.empty_like(logits_1, memory_format=torch.contiguous_format),
             torch.empty_like(logits_2, memory_format=torch.contiguous_format),
@@ -217,7 +222,7 @@ def _check_label_range(low: int, high: int, num_classes: int) -> None:
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """The labels' range, before a backend that indexes with them (a host sync)."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and labels.device.type != "meta":  # meta tensors hold no values
         low, high = torch.aminmax(labels)
         _check_label_range(int(low), int(high), num_classes)
 
@@ -228,7 +233,7 @@ def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_cla
     CUDA kernels, which leave a row with a bad label NaN without reading through it) when a label
     is out of range. A NaN entropy can vanish in min(), so the (B,)/(C,) inputs are checked
     themselves; the logits only through the scores. One host sync, after the kernel is queued."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or scores.device.type == "meta":
         return
     # max() propagates NaN and costs a fraction of isnan().any() on large CPU tensors; all of
     # these tensors are non-empty (checked in _check_args).

@@ -19,7 +19,8 @@ import torch
 from ..kernels import accumulation_dtype
 from ..reference.gaussian import variational_bottleneck_grouped_ref, variational_bottleneck_ref
 from ._dispatch import choose_backend, register
-from ._validate import check_no_nan, check_same_device, check_same_dtype, check_tensor, values_checked
+from ._validate import (autocast_enabled, check_fake_devices, check_no_nan, check_same_device, check_same_dtype,
+                        check_tensor, values_checked)
 from .gaussian_sample import backends_of, check_seed, seed_tensor, seeded_generator
 
 register(backends_of("variational_bottleneck"))
@@ -40,6 +41,7 @@ def _vb_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 @_vb_op.register_fake
 def _(x, weight, bias, seed, groups, sample, recompute):
+    check_fake_devices("variational_bottleneck", x=x, weight=weight, bias=bias, seed=seed)
     b, width = x.shape[0], weight.shape[0]
     z = x.new_empty((b, groups, width // (2 * groups)) if sample else (0,))
     return x.new_empty((b, width)), z, x.new_empty((b, groups), dtype=accumulation_dtype(x.dtype))
@@ -56,6 +58,8 @@ def _vb_backward_op(grad_h: Optional[torch.Tensor], grad_z: Optional[torch.Tenso
 
 @_vb_backward_op.register_fake
 def _(grad_h, grad_z, grad_kl_rows, h, seed, groups):
+    check_fake_devices("variational_bottleneck_backward", grad_h=grad_h, grad_z=grad_z, grad_kl_rows=grad_kl_rows,
+                       h=h, seed=seed)
     return h.new_empty(h.shape)
 
 
@@ -121,7 +125,7 @@ def _op_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype an input of ``dtype`` has inside the op, cast as torch's own Linear is cast:
     under autocast every floating dtype but float64 becomes the autocast dtype, whatever it was
     (a bf16 activation meets the float32 parameters of the layer that holds them)."""
-    if dtype.is_floating_point and dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if dtype.is_floating_point and dtype != torch.float64 and autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
 
