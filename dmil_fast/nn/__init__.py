@@ -2,7 +2,8 @@
 
 from .baselines import EnsembleModel, JointModel
 from .bottleneck import VariationalBottleneck, grouped_sample
-from .dmil import LEGACY_STATE_DICT_KEYS, STAGE1_MODULES, CrossModality, DMILModel, pool_encoder_output
+from .dmil import LEGACY_STATE_DICT_KEYS, STAGE1_MODULES, CrossModality, DMILModel
+from .inputs import pool_encoder_output
 from .encoders import MLPEncoder
 from .resnet import ResNet18, resnet18
 

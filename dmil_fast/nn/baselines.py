@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._modes import eval_mode
-from .dmil import encode_inputs
+from .inputs import encode_inputs
 
 Tensor = torch.Tensor
 
@@ -37,7 +37,7 @@ class _TwoEncoders(nn.Module):
 
     def embed(self, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
         """-> e1, e2: (B, E). The inputs are checked as DMILModel checks them
-        (:func:`dmil_fast.nn.dmil.encode_inputs`)."""
+        (:func:`dmil_fast.nn.inputs.encode_inputs`)."""
         v, a = encode_inputs(self, visual, audio)
         return self.embed_v(v), self.embed_a(a)
 

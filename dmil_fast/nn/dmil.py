@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_mod  # the global forward/backward (pre-)hook registries
 
 from ..ops import BACKENDS
 from ..ops._dispatch import ENV_VAR, _assume_constant_result, choose_backend
-from ..ops._validate import autocast_enabled
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from ._modes import eval_mode
 from .decomposition import align_kl, first_level, recon_loss, second_level
+from .inputs import encode_inputs
+from .parts import _plain_linear, linear_on_parts, sequential_on_parts
 
 Tensor = torch.Tensor
 
@@ -100,152 +100,9 @@ class CrossModality(nn.Module):
         return self.fc_out(F.relu(h)) if self.hidden else h  # (B, E)
 
 
-class _LinearOnParts(torch.autograd.Function):
-    """``F.linear(torch.cat(parts, dim=1), weight, bias)`` that keeps the parts for the backward
-    instead of their concatenation.
-
-    The forward runs exactly the concatenated call (under autocast too: the same cast, the same
-    GEMM); the concatenation is freed when it returns. The backward rebuilds it, in the dtype the
-    forward's GEMM ran in, and computes the gradients with the GEMMs autograd runs for the
-    concatenated layer, so values and gradients are the same. Its ops are differentiable, so
-    double backward works too.
-    """
-
-    generate_vmap_rule = True  # torch.func transforms see through it
-
-    @staticmethod
-    def forward(weight: Tensor, bias: Optional[Tensor], *parts: Tensor) -> Tensor:
-        return F.linear(torch.cat(parts, dim=1), weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        weight, bias, *parts = inputs
-        # The parts only where the weight's gradient needs them (a frozen layer keeps none).
-        ctx.save_for_backward(weight, bias, *(parts if ctx.needs_input_grad[0] else ()))
-        ctx.widths, ctx.part_dtypes = [p.shape[1] for p in parts], [p.dtype for p in parts]
-        ctx.compute_dtype = output.dtype
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        weight, bias, *parts = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        grad = grad.to(dtype)
-        need_weight, need_bias, *need_parts = ctx.needs_input_grad
-        grad_weight = grad_bias = None
-        if need_weight:
-            x = torch.cat([p.to(dtype) for p in parts], dim=1)
-            grad_weight = grad.t().mm(x).to(weight.dtype)
-        if need_bias:
-            grad_bias = grad.sum(0).to(bias.dtype)
-        grad_parts = [None] * len(ctx.widths)
-        if any(need_parts):
-            grad_x = grad.mm(weight.to(dtype))
-            start = 0
-            for i, (width, part_dtype) in enumerate(zip(ctx.widths, ctx.part_dtypes)):
-                if need_parts[i]:
-                    grad_parts[i] = grad_x[:, start:start + width].to(part_dtype)
-                start += width
-        return (grad_weight, grad_bias, *grad_parts)
-
-
-def linear_on_parts(linear: nn.Linear, parts: Sequence[Tensor]) -> Tensor:
-    """``linear(torch.cat(parts, dim=1))`` (the same values and gradients) that keeps the parts for
-    the backward (tensors that other layers keep already) instead of a new (B, sum of widths)
-    copy: see :class:`_LinearOnParts`."""
-    widths = sum(p.shape[1] for p in parts)
-    if widths != linear.in_features:
-        raise ValueError(f"the parts have {widths} columns in all, the layer takes {linear.in_features}")
-    return _LinearOnParts.apply(linear.weight, linear.bias, *parts)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Forward or backward hooks (or pre-hooks) on ``module`` or registered globally: a module that
-    has them must be called."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or _module_mod._global_forward_hooks
-                or _module_mod._global_forward_pre_hooks or _module_mod._global_backward_hooks
-                or _module_mod._global_backward_pre_hooks)
-
-
-def _plain_linear(layer: Optional[nn.Module]) -> bool:
-    """Whether :func:`linear_on_parts` may stand in for calling ``layer``: a plain ``nn.Linear``
-    (no subclass) without hooks (:func:`_has_hooks`)."""
-    return type(layer) is nn.Linear and not _has_hooks(layer)
-
-
-def parts_path_applies(net: nn.Sequential) -> bool:
-    """Whether :func:`sequential_on_parts` may run ``net``'s first layer by :func:`linear_on_parts`.
-
-    Only for a plain ``nn.Sequential`` whose first layer is a plain ``nn.Linear``, with no forward
-    or backward hooks or pre-hooks on either (nor global ones: pruning, weight norm, quantisation
-    stubs, backward hooks or a replaced layer must see the module called).
-    """
-    first = net[0] if type(net) is nn.Sequential and len(net) > 0 else None
-    return _plain_linear(first) and not _has_hooks(net)
-
-
-def sequential_on_parts(net: nn.Sequential, parts: Sequence[Tensor], *, split: bool = True) -> Tensor:
-    """``net(torch.cat(parts, dim=1))``, its first layer run by :func:`linear_on_parts` where
-    ``split`` and :func:`parts_path_applies`, else exactly that concatenated call."""
-    if not (split and parts_path_applies(net)):
-        return net(torch.cat(parts, dim=1))
-    out = linear_on_parts(net[0], parts)
-    for layer in list(net)[1:]:
-        out = layer(out)
-    return out
-
-
 def _recon_net(embed_size: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(2 * embed_size, embed_size // 2), nn.ReLU(),
                          nn.Linear(embed_size // 2, embed_size))
-
-
-def pool_encoder_output(x: Tensor, batch_size: int, name: str) -> Tensor:
-    """Encoder output -> (B, C) features.
-
-    (B, D) passes through; (B*T, C, H, W) maps are average-pooled over (T, H, W) per sample,
-    the frames of sample b being rows [b*T, (b+1)*T) as the official ``normal_reshape`` reads them.
-    """
-    if x.dim() == 2:
-        if x.shape[0] != batch_size:
-            raise ValueError(f"{name} returned {x.shape[0]} rows for a batch of {batch_size}")
-        return x
-    if x.dim() == 4:
-        n, c, h, w = x.shape
-        if n % batch_size != 0:
-            raise ValueError(f"{name} returned {n} maps, not a multiple of the batch size {batch_size}")
-        x = x.view(batch_size, n // batch_size, c, h, w).permute(0, 2, 1, 3, 4)  # (B, C, T, H, W)
-        return torch.flatten(F.adaptive_avg_pool3d(x, 1), 1)  # (B, C)
-    raise ValueError(f"{name} must return (B, D) features or (B*T, C, H, W) maps, got shape {tuple(x.shape)}")
-
-
-def encode_inputs(model: nn.Module, visual: Tensor, audio: Tensor) -> Tuple[Tensor, Tensor]:
-    """``model``'s encoders ``visual_net``/``audio_net`` and (T, H, W) pooling on checked inputs:
-    -> (B, input_size) features v, a, ready for ``embed_v``/``embed_a``.
-
-    visual, audio: tensors whose first dimension is the batch B >= 1. Raises TypeError when either
-    is not a tensor or its features' dtype differs from the embedding's weight outside autocast,
-    ValueError when a batch is empty or a feature width is not ``model.input_size``.
-    """
-    for name, x in (("visual", visual), ("audio", audio)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"{name} must be a batch of at least one sample (first dimension B >= 1), "
-                             f"got shape {tuple(x.shape)}")
-    batch = visual.size(0)
-    v = pool_encoder_output(model.visual_net(visual), batch, "video_model (visual_net)")
-    a = pool_encoder_output(model.audio_net(audio), batch, "audio_model (audio_net)")
-    for name, feat, layer in (("visual", v, model.embed_v), ("audio", a, model.embed_a)):
-        if feat.shape[1] != model.input_size:
-            raise ValueError(f"the {name} encoder output has {feat.shape[1]} features, expected "
-                             f"input_size={model.input_size}")
-        weight = layer.weight
-        if feat.dtype != weight.dtype and not autocast_enabled(feat.device.type):
-            raise TypeError(f"the {name} features are {feat.dtype}, the model's parameters {weight.dtype}: "
-                            f"cast the model (model.to({feat.dtype})) or the inputs (.to({weight.dtype})), "
-                            f"or run under torch.autocast")
-    return v, a
 
 
 class DMILModel(nn.Module):

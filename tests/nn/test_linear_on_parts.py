@@ -10,7 +10,7 @@ import torch
 import torch.nn.utils.prune
 from torch import nn
 
-from dmil_fast.nn.dmil import linear_on_parts, parts_path_applies, sequential_on_parts
+from dmil_fast.nn.parts import linear_on_parts, parts_path_applies, sequential_on_parts
 from tests.conftest import saved_storages
 
 
