@@ -102,10 +102,11 @@ def _config(args, preset: str) -> tuple:
 
 
 def _stage_epochs(config) -> tuple:
-    """Epochs of DMIL stages 1, 2, 3 under ``config`` (stage 2 of 0 ends the run after stage 1)."""
-    if config.stage2_epochs == 0:
-        return config.stage1_epochs, 0, 0
-    return config.stage1_epochs, config.stage2_epochs, config.n_epochs - config.stage1_epochs - config.stage2_epochs
+    """Epochs of DMIL stages 1, 2, 3 under ``config``, counted from the trainer's schedule."""
+    from .train import stage_of_epoch
+
+    stages = [stage_of_epoch(epoch, config) for epoch in range(1, config.n_epochs + 1)]
+    return tuple(stages.count(stage) for stage in (1, 2, 3))
 
 
 def _dropped_stages_note(full, scaled, epochs: int) -> Optional[str]:

@@ -43,7 +43,8 @@ from .distributed import DistContext, all_gather_objects, all_reduce_sum, barrie
 from .factory import METHODS, build_model
 from .losses import baseline_loss, dmil_loss
 from .metrics import prediction_metrics
-from .resume import Position, ResumableTraining, check_fresh_out_dir, data_fingerprint, remove_partial_files
+from .resume import (Position, ResumableTraining, check_fresh_out_dir, data_fingerprint, previous_outputs,
+                     remove_partial_files)
 from .runlog import RunLog
 from .sampling import eval_batches, iterate, make_loader, per_rank_batch, train_batches
 
@@ -359,10 +360,8 @@ class Trainer(ResumableTraining):
         remove_partial_files(self.ckpt_dir)
         remove_partial_files(self.out_dir)
         if resumed is None:  # a previous run's outputs must be neither reloaded, resumed nor mistaken for ours
-            for stale in list(self.ckpt_dir.glob("best_stage*.pt")) + [self.ckpt_dir / "last.pt",
-                                                                       self.out_dir / "metrics.json"]:
-                if stale.exists():
-                    stale.unlink()
+            for stale in previous_outputs(self.out_dir):
+                stale.unlink()
         self.log.open(keep_epochs=None if resumed is None else resumed.finished_epochs)
 
     def _check_out_dir(self, resume: bool) -> None:
