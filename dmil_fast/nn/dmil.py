@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import BACKENDS
-from ..ops._dispatch import ENV_VAR, _assume_constant_result, choose_backend
+from ..ops._dispatch import _assume_constant_result, choose_backend, requested_backend
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from ._modes import eval_mode
@@ -52,7 +51,7 @@ def model_backend(backend: Optional[str], device, dtype: torch.dtype = torch.flo
 def env_selects_reference() -> bool:
     """Whether ``DMIL_FAST_BACKEND`` asks for ``"reference"`` (unset or empty: no), read as the ops'
     backend choice reads it; under torch.compile it is read once, while tracing, as that choice is."""
-    return (os.environ.get(ENV_VAR) or None) == "reference"
+    return requested_backend(None) == "reference"
 
 
 def check_stage(stage) -> int:

@@ -31,6 +31,11 @@ class BackendUnavailableError(RuntimeError):
     """Raised when no backend, or not the one asked for, can run the given inputs."""
 
 
+def requested_backend(backend: Optional[str]) -> Optional[str]:
+    """The backend asked for: ``backend`` when given, else ``DMIL_FAST_BACKEND`` (unset or empty: None)."""
+    return backend if backend is not None else os.environ.get(ENV_VAR) or None
+
+
 @functools.lru_cache(maxsize=None)
 def extension_status() -> Optional[str]:
     """``None`` when ``dmil_fast._C`` imports, else the reason it does not."""
@@ -110,7 +115,7 @@ class OpBackends:
         return {b: self.checks[b](device, dtype) for b in BACKENDS}
 
     def choose(self, backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-        requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
+        requested = requested_backend(backend)
         if requested is not None and requested not in BACKENDS:
             source = "backend" if backend is not None else ENV_VAR
             raise ValueError(f"{source} must be one of {BACKENDS} or None, got {requested!r}")
