@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..ops._validate import check_label_dtype
+
 
 def positive_int(name: str, value, low: int = 1) -> int:
     """``value`` (a Python or NumPy integer) as an int >= ``low``; a ValueError naming ``name`` otherwise."""
@@ -41,12 +43,6 @@ def progress_bar(iterable, *, enabled: bool, desc: str, total: Optional[int] = N
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
-def check_label_dtype(name: str, y: torch.Tensor) -> None:
-    """A TypeError naming ``name`` unless ``y`` holds integers (floating, complex and bool labels are refused)."""
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
 
 
 def check_batch(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, *, num_classes: int,

@@ -24,7 +24,8 @@ from .. import ops
 from .._settings import check_device
 from ..nn._modes import eval_mode
 from ..ops import InteractionScores
-from ._inputs import check_label_dtype, positive_int, progress_bar, real_number
+from ..ops._validate import check_label_dtype
+from ._inputs import positive_int, progress_bar, real_number
 from .knife import KNIFE
 
 _KEYS = ("logits_1", "logits_2", "logits_12", "embed_1", "embed_2")

@@ -50,6 +50,12 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     return first.device
 
 
+def check_label_dtype(name: str, y: torch.Tensor) -> None:
+    """A TypeError naming ``name`` unless ``y`` holds integers (floating, complex and bool labels are refused)."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+
+
 def check_fake_devices(op: str, **tensors: Optional[torch.Tensor]) -> None:
     """In a fake kernel (which also serves as the op's meta kernel): the real kernels' check that
     every tensor argument is on one device, so that a call with one argument on ``meta`` and the

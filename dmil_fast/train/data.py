@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..ops._validate import check_label_dtype
+
 Tensor = torch.Tensor
 
 #: ``stream=None`` streams a dataset whose training features exceed this many bytes.
@@ -166,8 +168,7 @@ def _tensor_split(name: str, parts: Sequence, num_classes: int, type_names: Opti
             raise TypeError(f"the {name} split's {arg} must be a torch.Tensor, got {type(value).__name__}")
     if y.dim() != 1 or len(y) == 0:
         raise ValueError(f"the {name} split's y must be 1-D (N,) labels with N >= 1, got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"the {name} split's y must hold integer class labels, got dtype {y.dtype}")
+    check_label_dtype(f"the {name} split's y", y)
     n = len(y)
     for modality, x in (("x1", x1), ("x2", x2)):
         if x.dim() != 2 or x.shape[1] == 0:
