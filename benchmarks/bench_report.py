@@ -110,16 +110,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+def _git(*args: str) -> Optional[str]:
+    """What ``git *args`` prints in the source tree, or None when git or the tree's .git is not there."""
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _git_commit() -> Optional[str]:
     """``DMIL_FAST_COMMIT`` when set (a copy of the tree without its .git), else git's HEAD."""
     if os.environ.get("DMIL_FAST_COMMIT"):
         return os.environ["DMIL_FAST_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return (_git("rev-parse", "HEAD") or "").strip() or None
 
 
 def _git_dirty() -> Optional[bool]:
@@ -127,13 +132,8 @@ def _git_dirty() -> Optional[bool]:
     None when unknown: ``DMIL_FAST_COMMIT`` names the commit, or git is not there."""
     if os.environ.get("DMIL_FAST_COMMIT"):
         return None
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                             cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10,
-                             check=True)
-        return bool(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def _version(dist: str) -> Optional[str]:

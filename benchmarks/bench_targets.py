@@ -7,8 +7,9 @@ fraction of copy bandwidth), the goal and whether it is met. Every number comes 
 files (medians of the timed rounds, ``extra_info`` of each benchmark); a target with no measured
 case says so. Only the cases marked ``target`` (``extra_info["target"]``, the shapes each
 benchmark file's ``TARGETS`` names) are judged, so a run of the whole grid gets the same verdicts
-as one of ``-m target``; files written before that field existed are judged on every case. Several files are read as one run only for the table: each ratio is formed inside
-one file, from providers timed side by side in one session.
+as one of ``-m target``; files written before that field existed are judged on every case.
+Several files are read as one run only for the table: each ratio is formed inside one file, from
+providers timed side by side in one session.
 
 The targets (H100; issue "Benchmarks"):
 
