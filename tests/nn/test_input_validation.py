@@ -24,6 +24,13 @@ def _inputs(b=B, width=D, dtype=torch.float32):
     return torch.randn(b, width, generator=g).to(dtype), torch.randn(b, width, generator=g).to(dtype)
 
 
+def _with(which, edit):
+    """(visual, audio) from :func:`_inputs`, the one named ``which`` replaced by ``edit(it)``."""
+    args = dict(zip(("visual", "audio"), _inputs()))
+    args[which] = edit(args[which])
+    return args["visual"], args["audio"]
+
+
 class _Refuses(nn.Module):
     """An encoder that must not be reached."""
 
@@ -38,13 +45,11 @@ def model(request):
 
 @pytest.mark.parametrize("which", ["visual", "audio"])
 def test_empty_batch_is_refused_naming_the_argument(model, which):
-    x1, x2 = _inputs()
-    args = {"visual": x1, "audio": x2}
-    args[which] = args[which][:0]
+    visual, audio = _with(which, lambda x: x[:0])
     with pytest.raises(ValueError, match=f"^{which} must be a batch of at least one sample.*\\(0, {D}\\)"):
-        model(args["visual"], args["audio"])
+        model(visual, audio)
     with pytest.raises(ValueError, match=f"^{which} must be a batch"):
-        model.interaction_outputs(args["visual"], args["audio"])
+        model.interaction_outputs(visual, audio)
 
 
 @pytest.mark.parametrize("cls", [dm.DMILModel, JointModel, EnsembleModel])
@@ -56,23 +61,16 @@ def test_empty_batch_is_refused_before_the_encoders_run(cls):
 
 @pytest.mark.parametrize("which", ["visual", "audio"])
 def test_non_tensor_inputs_are_refused_naming_the_argument_and_type(model, which):
-    x1, x2 = _inputs()
-    args = {"visual": x1, "audio": x2}
-    args[which] = args[which].numpy()
     with pytest.raises(TypeError, match=f"^{which} must be a torch.Tensor, got ndarray"):
-        model(args["visual"], args["audio"])
-    args[which] = [[0.0] * D] * B
+        model(*_with(which, lambda x: x.numpy()))
     with pytest.raises(TypeError, match=f"^{which} must be a torch.Tensor, got list"):
-        model(args["visual"], args["audio"])
+        model(*_with(which, lambda x: [[0.0] * D] * B))
 
 
 @pytest.mark.parametrize("which", ["visual", "audio"])
 def test_dtype_other_than_the_parameters_is_refused_with_a_hint(model, which):
-    x1, x2 = _inputs()
-    args = {"visual": x1, "audio": x2}
-    args[which] = args[which].double()
     with pytest.raises(TypeError, match=f"{which} features are torch.float64.*torch.float32.*model.to"):
-        model(args["visual"], args["audio"])
+        model(*_with(which, lambda x: x.double()))
 
 
 def test_float64_model_runs_float64_inputs(model):
@@ -93,8 +91,5 @@ def test_low_precision_inputs_run_under_cpu_autocast(model, dtype):
 
 @pytest.mark.parametrize("which", ["visual", "audio"])
 def test_feature_width_other_than_input_size_is_refused(model, which):
-    x1, x2 = _inputs()
-    args = {"visual": x1, "audio": x2}
-    args[which] = torch.randn(B, D + 2)
     with pytest.raises(ValueError, match=f"the {which} encoder output has {D + 2} features, expected input_size={D}"):
-        model(args["visual"], args["audio"])
+        model(*_with(which, lambda x: torch.randn(B, D + 2)))
