@@ -115,14 +115,16 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
         own = [line for line in log.splitlines()
                if "warning" in line.lower() and "csrc/" in line and "torch/include" not in line]
         assert not own, "\n".join(own)
-        # ptxas compiled device code for every dtype instantiation of every kernel.
+        # ptxas compiled device code for every dtype and group size of every kernel.
         entries = re.findall(rf"Compiling entry function '(\S+)' for 'sm_{ARCH}'", log)
         if Path(source).stem == "interaction_scores_cuda":
             for kernel in ("interaction_scores_forward_kernel", "interaction_scores_backward_kernel"):
-                # Itanium mangling of the (scalar_t, acc_t) template arguments.
-                for targs in ("IffE", "IddE", "IN3c104HalfEfE", "IN3c108BFloat16EfE"):
-                    assert any(kernel + targs in e for e in entries), (
-                        f"ptxas did not compile {kernel}<{targs}>; entries: {entries}")
+                # Itanium mangling of the (scalar_t, acc_t, lanes per row) template arguments.
+                for types in ("Iff", "Idd", "IN3c104HalfEf", "IN3c108BFloat16Ef"):
+                    for lanes in (1, 8, 32):
+                        targs = f"{types}Li{lanes}EE"
+                        assert any(kernel + targs in e for e in entries), (
+                            f"ptxas did not compile {kernel}<{targs}>; entries: {entries}")
 
 
 def _run_triton_compile(tmp_path, *args):
