@@ -38,6 +38,10 @@ constexpr int kUnroll = 4;  // loads in flight per lane
 // Lanes per sample: a whole warp for wide rows and fewer for narrow ones, so that a lane's
 // elements are worth its reads and shuffles (one lane per sample up to 16 classes, eight lanes
 // up to 128, the warp beyond). A group of kLanes lanes holds one sample; a warp 32 / kLanes.
+// Column indices within a row are int (cheaper compares); the loads' index may run kLanes * kUnroll
+// past the last column.
+constexpr int64_t kMaxClasses = 2147483647 - kWarpSize * kUnroll;
+
 inline int lanes_per_row(int64_t n_cols) { return n_cols <= 16 ? 1 : n_cols <= 128 ? 8 : 32; }
 
 // Calls f(std::integral_constant<int, lanes_per_row(n_cols)>).
@@ -70,59 +74,79 @@ __device__ __forceinline__ T neg_inf() {
   return static_cast<T>(-INFINITY);
 }
 
-// Adds one element to a lane's running (max, sum of exp(x - max)). -inf elements add nothing;
-// a NaN element makes the sum NaN (the max never becomes NaN).
+// Where a running maximum is -inf (nothing but -inf read so far) the sums are taken against 0
+// instead, so that no -inf - -inf arises, and a NaN element still makes the sum NaN; a +inf
+// element makes it NaN (inf - inf), as log_softmax gives.
 template <typename T>
-__device__ __forceinline__ void online_add(T& run_max, T& run_sum, T x) {
-  if (x > run_max) {
-    run_sum = run_sum * dev_exp(run_max - x) + T(1);
-    run_max = x;
-  } else if (x != neg_inf<T>()) {
-    run_sum += dev_exp(x - run_max);
-  }
+__device__ __forceinline__ T shift_of(T max) {
+  return max == neg_inf<T>() ? T(0) : max;
 }
 
 template <typename T>
-__device__ __forceinline__ void merge(T& run_max, T& run_sum, T other_max, T other_sum) {
-  const T new_max = run_max > other_max ? run_max : other_max;
-  if (new_max == neg_inf<T>()) {
-    run_sum = run_sum + other_sum;  // both empty (0), or NaN kept
-  } else {
-    run_sum = run_sum * dev_exp(run_max - new_max) + other_sum * dev_exp(other_max - new_max);
-  }
-  run_max = new_max;
+__device__ __forceinline__ T larger(T a, T b) {
+  return b > a ? b : a;  // NaN never wins against a (a is never NaN here)
 }
 
-// (max, sum) of one row over its group of kLanes lanes (`sub` this lane's place in it); every
-// lane of the group gets the result. Every lane of the warp that has not exited calls it (the
-// shuffles name all 32 lanes): a group with nothing to read passes n_cols = 0 (and gets
-// (-inf, 0)).
+// (max, sum of exp(x - max)) of the three logit rows of one sample over its group of kLanes
+// lanes (`sub` this lane's place in it); every lane of the group gets the results. The three
+// rows are read in one loop, kUnroll loads of each in flight per lane, and each lane's running
+// sums are updated without branches once per kUnroll elements (one rescaling exp per update).
+// The group is then reduced in two passes: the maximum, then the sums rescaled to it (one exp per
+// lane). Every lane of the warp that has not exited calls it (the shuffles name all 32 lanes): a
+// group with nothing to read passes n_cols = 0 and gets (-inf, 0).
 template <int kLanes, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void group_row_stats(const scalar_t* __restrict__ row, int64_t n_cols,
-                                                int sub, acc_t& row_max, acc_t& row_sum) {
-  acc_t run_max = neg_inf<acc_t>();
-  acc_t run_sum = acc_t(0);
-  for (int64_t c0 = sub; c0 < n_cols; c0 += kLanes * kUnroll) {
-    acc_t v[kUnroll];
+__device__ __forceinline__ void group_row_stats(const scalar_t* const* rows, int n_cols, int sub,
+                                                acc_t* row_max, acc_t* row_sum) {
+  acc_t run_max[kNumRows];
+  acc_t run_sum[kNumRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t j = c0 + u * kLanes;
-      v[u] = j < n_cols ? static_cast<acc_t>(row[j]) : neg_inf<acc_t>();
+  for (int k = 0; k < kNumRows; ++k) {
+    run_max[k] = neg_inf<acc_t>();
+    run_sum[k] = acc_t(0);
+  }
+  for (int c0 = sub; c0 < n_cols; c0 += kLanes * kUnroll) {
+    acc_t v[kNumRows][kUnroll];
+#pragma unroll
+    for (int k = 0; k < kNumRows; ++k) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = c0 + u * kLanes;
+        v[k][u] = j < n_cols ? static_cast<acc_t>(rows[k][j]) : neg_inf<acc_t>();
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      online_add(run_max, run_sum, v[u]);
+    for (int k = 0; k < kNumRows; ++k) {
+      acc_t new_max = run_max[k];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        new_max = larger(new_max, v[k][u]);
+      }
+      const acc_t shift = shift_of(new_max);
+      acc_t sum = run_sum[k] * dev_exp(run_max[k] - shift);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        sum += dev_exp(v[k][u] - shift);
+      }
+      run_max[k] = new_max;
+      run_sum[k] = sum;
     }
   }
   // Offsets below kLanes stay inside the group (groups are aligned runs of kLanes lanes).
 #pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    const acc_t other_max = __shfl_xor_sync(0xffffffffu, run_max, offset);
-    const acc_t other_sum = __shfl_xor_sync(0xffffffffu, run_sum, offset);
-    merge(run_max, run_sum, other_max, other_sum);
+  for (int k = 0; k < kNumRows; ++k) {
+    acc_t group_max = run_max[k];
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+      group_max = larger(group_max, __shfl_xor_sync(0xffffffffu, group_max, offset));
+    }
+    acc_t sum = run_sum[k] * dev_exp(run_max[k] - shift_of(group_max));
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    row_max[k] = group_max;
+    row_sum[k] = sum;
   }
-  row_max = run_max;
-  row_sum = run_sum;
 }
 
 // Sample b of a thread: its group's place in the grid (thread t of the grid serves sample
@@ -153,18 +177,19 @@ __global__ void __launch_bounds__(kThreads) interaction_scores_forward_kernel(
   const int64_t row = valid ? b : 0;
   const scalar_t* rows[kNumRows] = {logits_1 + row * n_cols, logits_2 + row * n_cols,
                                     logits_12 + row * n_cols};
+  acc_t row_max[kNumRows];
+  acc_t row_sum[kNumRows];
+  group_row_stats<kLanes, scalar_t, acc_t>(rows, valid ? static_cast<int>(n_cols) : 0, sub,
+                                           row_max, row_sum);
   acc_t pmi[kNumRows];
   double row_lse[kNumRows];  // exact in double (see cpu_tiles.inc)
 #pragma unroll
   for (int k = 0; k < kNumRows; ++k) {
-    acc_t row_max;
-    acc_t row_sum;
-    group_row_stats<kLanes, scalar_t, acc_t>(rows[k], valid ? n_cols : 0, sub, row_max, row_sum);
-    const acc_t log_sum = dev_log(row_sum);
+    const acc_t log_sum = dev_log(row_sum[k]);
     const acc_t x_y = valid ? static_cast<acc_t>(rows[k][y]) : acc_t(0);
-    const acc_t log_p = (x_y - row_max) - log_sum;
+    const acc_t log_p = (x_y - row_max[k]) - log_sum;
     pmi[k] = log_prior != nullptr ? log_p - (valid ? log_prior[y] : acc_t(0)) : log_p + log_c;
-    row_lse[k] = static_cast<double>(row_max) + static_cast<double>(log_sum);
+    row_lse[k] = static_cast<double>(row_max[k]) + static_cast<double>(log_sum);
   }
   if (!in_batch) {
     return;
@@ -280,6 +305,8 @@ std::tuple<at::Tensor, at::Tensor> scores_forward(
     const std::optional<at::Tensor>& entropy_1, const std::optional<at::Tensor>& entropy_2,
     const std::optional<at::Tensor>& log_prior, int64_t redundancy, bool save_lse,
     const Launch& launch) {
+  TORCH_CHECK(sz.num_classes <= kMaxClasses, kForwardName, ": the CUDA kernel takes at most ",
+              kMaxClasses, " classes, got ", sz.num_classes);
   const at::Tensor l1 = logits_1.contiguous();
   const at::Tensor l2 = logits_2.contiguous();
   const at::Tensor l12 = logits_12.contiguous();

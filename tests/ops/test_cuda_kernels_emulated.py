@@ -50,6 +50,23 @@ def emu(tmp_path_factory):
     )
 
 
+@pytest.fixture(autouse=True)
+def unwritten_outputs_are_nan():
+    """torch.empty fills new tensors with NaN here (integers with their maximum), so that an
+    output element a kernel never writes cannot pass as a value."""
+    before = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_new_tensors_are_filled_with_nan_in_this_module(emu):
+    assert torch.isnan(torch.empty(8)).all()
+
+
 def emulated_op(emu):
     """interaction_scores(**case) through the emulated kernels, with the conversions and the
     autograd glue of the public op's CUDA path (entropies and prior in the accumulation dtype)."""
@@ -198,12 +215,13 @@ def test_minus_infinity_logits_are_classes_left_out(emu, c):
         torch.testing.assert_close(g, w, **tolerances(torch.float32, 10.0))
 
 
+@pytest.mark.parametrize("c", [6, 100, 131])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
-def test_low_precision_error_within_twice_pytorch(emu, dtype, redundancy):
-    """Half-precision logits, scores and gradients: error against the float32 truth at most
-    twice that of PyTorch computing from the same rounded logits."""
-    case32 = make_case(67, 131, redundancy=redundancy, prior=True, seed=9)
+def test_low_precision_error_within_twice_pytorch(emu, dtype, redundancy, c):
+    """Half-precision logits, scores and gradients, in each group size: error against the float32
+    truth at most twice that of PyTorch computing from the same rounded logits."""
+    case32 = make_case(67, c, redundancy=redundancy, prior=True, seed=9)
     low = {k: (v.to(dtype) if k.startswith("logits") else v) for k, v in case32.items()}
     grads = torch.randn(7, 67, generator=torch.Generator().manual_seed(2))
     truth, truth_g = run_with_grads(interaction_scores_ref, case32, grads)
@@ -242,9 +260,13 @@ def test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie(emu, 
 
 @pytest.mark.parametrize("c", [5, 37, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_a_bad_label_gives_a_nan_row_and_leaves_the_others(emu, dtype, c):
+@pytest.mark.parametrize("nan_fill", [True, False], ids=["nan-filled", "unfilled"])
+def test_a_bad_label_gives_a_nan_row_and_leaves_the_others(emu, dtype, c, nan_fill):
     """The kernels never read through a label outside [0, C): that row's scores, log-sum-exps and
-    gradients are NaN; every other row equals the reference on the good rows alone."""
+    gradients are NaN; every other row equals the reference on the good rows alone. Run once with
+    new tensors NaN-filled (an unwritten good element fails) and once without (an unwritten NaN
+    of a bad row fails)."""
+    torch.utils.deterministic.fill_uninitialized_memory = nan_fill
     case = make_case(11, c, prior=True, seed=1)
     logits = [case[k].to(dtype) for k in ("logits_1", "logits_2", "logits_12")]
     labels = case["labels"].clone()
@@ -257,10 +279,50 @@ def test_a_bad_label_gives_a_nan_row_and_leaves_the_others(emu, dtype, c):
     good = torch.tensor([i for i in range(11) if i not in (2, 9)])
     for t in (scores, lse, g1, g2, g12, g_h):
         assert torch.isnan(t[bad]).all() and torch.isfinite(t[good]).all()
-    ref = interaction_scores_ref(*[x[good] for x in logits], labels[good], entropy_1=h1[good],
-                                 entropy_2=h2[good], log_prior=prior)
-    torch.testing.assert_close(scores[good], torch.stack(tuple(ref), 1),
-                               **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+    good_case = dict(logits_1=logits[0][good], logits_2=logits[1][good],
+                     logits_12=logits[2][good], labels=labels[good], entropy_1=h1[good],
+                     entropy_2=h2[good], log_prior=prior)
+    ref, want = run_with_grads(interaction_scores_ref, good_case,
+                               torch.ones(7, len(good), dtype=dtype))
+    tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(scores[good], torch.stack(tuple(ref), 1), **tol)
+    for name, got, w in zip(DIFF_KEYS, (g1, g2, g12, g_h[:, 0], g_h[:, 1]), want):
+        torch.testing.assert_close(got[good], w, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("c", [6, 16, 17, 128, 129])
+@pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
+def test_non_finite_logits_give_what_the_reference_gives(emu, c, redundancy):
+    """Row 1: +inf away from the label (NaN in log_softmax); row 2: NaN; row 3: -inf at the label
+    (pmi -inf); row 4: -inf everywhere (NaN); row 5: -inf everywhere but at the label (the last
+    class), so that lanes read nothing but -inf for a while (pmi log C); row 0 finite. The scores
+    match the reference's, NaN and infinities in the same places, in each group size."""
+    case = make_case(6, c, redundancy=redundancy, seed=c)
+    labels = case["labels"]
+    x = case["logits_1"].clone()
+    other = (labels + 1) % c
+    x[1, other[1]] = float("inf")
+    x[2, other[2]] = float("nan")
+    x[3, labels[3]] = float("-inf")
+    x[4] = float("-inf")
+    x[5, :-1] = float("-inf")
+    labels[5] = c - 1
+    case["logits_1"] = x
+    with torch.no_grad():
+        out = emulated_op(emu)(**case)
+        ref = interaction_scores_ref(**case)
+    for name, a, b in zip(InteractionScores._fields, out, ref):
+        torch.testing.assert_close(a, b, equal_nan=True, **tolerances(torch.float32, 10.0),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.isnan(out.pmi_1[[1, 2, 4]]).all() and out.pmi_1[3] == float("-inf")
+    assert torch.isfinite(out.pmi_1[0]) and out.pmi_1[5].item() == pytest.approx(math.log(c))
+
+
+def test_more_classes_than_the_kernels_index_are_refused(emu):
+    wide = torch.zeros(1, 1).expand(1, 2**31)
+    with pytest.raises(RuntimeError, match="takes at most 2147483519 classes, got 2147483648"):
+        emu.interaction_scores(wide, wide, wide, torch.zeros(1, dtype=torch.long), None, None,
+                               None, 1, False)
 
 
 def test_without_save_lse_the_scores_are_the_same_and_no_lse_is_written(emu):

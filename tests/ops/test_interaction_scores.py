@@ -364,6 +364,24 @@ def test_adjust_interactions_matches_reference(b, seed, shift):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend,device", CPP_DEVICES)
+@pytest.mark.parametrize("c", [1, 6, 16, 17, 100, 128, 129, 309])
+def test_class_counts_at_the_cuda_kernels_group_edges(backend, device, c):
+    """The CUDA kernel takes 1, 8 or 32 lanes per sample by C (edges at 16/17 and 128/129); 515
+    rows span three blocks of the one-lane kernel and end in a partly filled warp. The C++ CPU
+    kernel runs the same cases."""
+    require(backend, device)
+    case = make_case(515, c, prior=c % 2 == 0, device=device, seed=c)
+    grads = torch.randn(7, 515, generator=torch.Generator().manual_seed(c)).to(device)
+    out, got = run_with_grads(lambda **k: dm.ops.interaction_scores(**k, backend=backend), case,
+                              grads)
+    ref, want = run_with_grads(interaction_scores_ref, case, grads)
+    assert_close_scores(out, ref, **tolerances(torch.float32, 10.0))
+    for name, g, w in zip([k for k in DIFF_KEYS if k in case], got, want):
+        torch.testing.assert_close(g, w, **tolerances(torch.float32, 10.0),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ---- extremes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
