@@ -746,6 +746,22 @@ def test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie(backe
     torch.testing.assert_close(got_chosen, want, rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("backend,device", GPU_KERNEL_DEVICES)
+@pytest.mark.parametrize("c", [3, 20, 200])  # 1, 8 and 32 lanes per sample in the CUDA kernel
+@pytest.mark.parametrize("redundancy", ["lsmi", "mmi"])
+def test_an_infinite_logit_is_refused_on_the_gpu_kernels(backend, device, c, redundancy):
+    """+inf away from the label makes log_softmax NaN; the kernels must give NaN too, so that the
+    check after the launch names the logits (one lane per sample once gave -inf there)."""
+    require(backend, device)
+    case = make_case(9, c, redundancy=redundancy, device=device, seed=c)
+    x = case["logits_2"].clone()
+    x[4, (int(case["labels"][4]) + 1) % c] = float("inf")
+    case["logits_2"] = x
+    with pytest.raises(ValueError, match="hold infinities"):
+        dm.ops.interaction_scores(**case, backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", GPU_KERNEL_DEVICES)
 def test_kernel_bad_label_gives_nan_row(backend, device):
     """Called directly (the public op refuses bad labels), the GPU kernels never read through a bad
