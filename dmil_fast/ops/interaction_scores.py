@@ -263,6 +263,19 @@ def _check_outputs(scores: torch.Tensor, labels: Optional[torch.Tensor], num_cla
 
 # ---- public ops ----------------------------------------------------------------------------------
 
+def _fused_op_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
+                  redundancy: str) -> tuple:
+    """The fused ops' arguments (all but save_lse) for checked inputs: int64 labels, the
+    entropies (LSMI only) and the log prior (not differentiated) in the accumulation dtype, the
+    redundancy as its code."""
+    acc = accumulation_dtype(logits_1.dtype)
+    lsmi = redundancy == "lsmi"
+    return (logits_1, logits_2, logits_12, labels.long(),
+            entropy_1.to(acc) if lsmi else None, entropy_2.to(acc) if lsmi else None,
+            log_prior.detach().to(acc) if log_prior is not None else None,
+            _REDUNDANCY_CODES[redundancy])
+
+
 def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12: torch.Tensor,
                        labels: torch.Tensor, *, entropy_1: Optional[torch.Tensor] = None,
                        entropy_2: Optional[torch.Tensor] = None,
@@ -321,19 +334,15 @@ def interaction_scores(logits_1: torch.Tensor, logits_2: torch.Tensor, logits_12
             log_prior=log_prior.detach() if log_prior is not None else None, redundancy=redundancy)
         _check_outputs(torch.stack(tuple(out)), None, num_classes, **nan_sources)
         return out
-    acc = accumulation_dtype(logits_1.dtype)
-    lsmi = redundancy == "lsmi"
     fused = (torch.ops.dmil_fast.interaction_scores_triton if choice == "triton"
              else torch.ops.dmil_fast.interaction_scores)
-    h1 = entropy_1.to(acc) if lsmi else None
-    h2 = entropy_2.to(acc) if lsmi else None
+    args = _fused_op_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2, log_prior,
+                         redundancy)
+    h1, h2 = args[4:6]  # the entropies as the op takes them
     # The backward's log-sum-exps are written only when a backward can follow.
     save_lse = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (logits_1, logits_2, logits_12, h1, h2))
-    scores, _ = fused(
-        logits_1, logits_2, logits_12, labels.long(), h1, h2,
-        log_prior.detach().to(acc) if log_prior is not None else None,
-        _REDUNDANCY_CODES[redundancy], save_lse)
+    scores, _ = fused(*args, save_lse)
     _check_outputs(scores, labels if labels_after else None, num_classes, **nan_sources)
     return InteractionScores(*scores.unbind(1))  # seven (B,) columns
 

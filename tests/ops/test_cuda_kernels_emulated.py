@@ -10,6 +10,7 @@ GPU is present.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,24 +18,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
-from dmil_fast.kernels import accumulation_dtype
 from dmil_fast.ops import InteractionScores
-from dmil_fast.ops.interaction_scores import _backward_through, _setup_context
+from dmil_fast.ops.interaction_scores import _backward_through, _fused_op_args, _setup_context
 from dmil_fast.reference.interactions import interaction_scores_ref
 from tests.ops.test_interaction_scores import (
-    _BELOW_FOUR,
     DIFF_KEYS,
-    assert_close_scores,
+    assert_gradients_accurate_far_from_zero,
+    assert_low_precision_within_twice_pytorch,
+    assert_matches_reference,
+    assert_rounded_tie_takes_the_forwards_branch,
     make_case,
     run_with_grads,
     tolerances,
 )
 
-from pathlib import Path
-
 ROOT = Path(__file__).resolve().parents[2]
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
-REDUNDANCY_CODES = {"lsmi": 0, "mmi": 1}
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +67,8 @@ def test_new_tensors_are_filled_with_nan_in_this_module(emu):
 
 
 def emulated_op(emu):
-    """interaction_scores(**case) through the emulated kernels, with the conversions and the
-    autograd glue of the public op's CUDA path (entropies and prior in the accumulation dtype)."""
+    """interaction_scores(**case) through the emulated kernels, with the argument conversions
+    and the autograd glue of the public op's fused path."""
 
     class Emulated(torch.autograd.Function):
         @staticmethod
@@ -82,13 +81,8 @@ def emulated_op(emu):
 
     def call(logits_1, logits_2, logits_12, labels, *, entropy_1=None, entropy_2=None,
              log_prior=None, redundancy="lsmi"):
-        acc = accumulation_dtype(logits_1.dtype)
-        lsmi = redundancy == "lsmi"
-        h1 = entropy_1.to(acc) if lsmi else None
-        h2 = entropy_2.to(acc) if lsmi else None
-        prior = log_prior.detach().to(acc) if log_prior is not None else None
-        scores, _ = Emulated.apply(logits_1, logits_2, logits_12, labels.long(), h1, h2, prior,
-                                   REDUNDANCY_CODES[redundancy])
+        scores, _ = Emulated.apply(*_fused_op_args(logits_1, logits_2, logits_12, labels,
+                                                  entropy_1, entropy_2, log_prior, redundancy))
         return InteractionScores(*scores.unbind(1))
 
     return call
@@ -144,11 +138,7 @@ def test_matches_reference(emu, b, c, redundancy, prior, dtype, seed):
     case = make_case(b, c, redundancy=redundancy, prior=prior, dtype=dtype, seed=seed)
     grads = torch.randn(7, b, generator=torch.Generator().manual_seed(seed + 1),
                         dtype=torch.float64).to(dtype)
-    out, got = run_with_grads(emulated_op(emu), case, grads)
-    ref, want = run_with_grads(interaction_scores_ref, case, grads)
-    assert_close_scores(out, ref, **tolerances(dtype, 10.0))
-    for name, g, w in zip([k for k in DIFF_KEYS if k in case], got, want):
-        torch.testing.assert_close(g, w, **tolerances(dtype, 10.0), msg=lambda m: f"{name}: {m}")
+    assert_matches_reference(emulated_op(emu), case, grads, **tolerances(dtype, 10.0))
 
 
 # Class counts at the edges of each group size, and a batch per case that fills two blocks and
@@ -168,28 +158,14 @@ def test_every_group_size_across_blocks(emu, c, redundancy):
     b = 2 * rows_per_block + 3
     case = make_case(b, c, redundancy=redundancy, prior=c % 2 == 0, seed=c)
     grads = torch.randn(7, b, generator=torch.Generator().manual_seed(c))
-    out, got = run_with_grads(emulated_op(emu), case, grads)
-    ref, want = run_with_grads(interaction_scores_ref, case, grads)
-    assert_close_scores(out, ref, **tolerances(torch.float32, 10.0))
-    for name, g, w in zip([k for k in DIFF_KEYS if k in case], got, want):
-        torch.testing.assert_close(g, w, **tolerances(torch.float32, 10.0),
-                                   msg=lambda m: f"{name}: {m}")
+    assert_matches_reference(emulated_op(emu), case, grads, **tolerances(torch.float32, 10.0))
 
 
 @pytest.mark.parametrize("c", [2, 40, 300])
 def test_gradients_stay_accurate_far_from_zero(emu, c):
     """Logits offset by 1e4: float32 gradients against the float64 reference on the same values,
     within float32 round-off (the float64 log-sum-exps and the exp(-lo) exp(x - hi) split)."""
-    case = make_case(12, c, seed=c)
-    shifted = {k: (v + 1e4 if k.startswith("logits") else v) for k, v in case.items()}
-    grads = [torch.randn(12, generator=torch.Generator().manual_seed(k)) for k in range(7)]
-    _, got = run_with_grads(emulated_op(emu), shifted, grads)
-    exact = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
-             for k, v in shifted.items()}
-    _, want = run_with_grads(interaction_scores_ref, exact, [g.double() for g in grads])
-    for name, a, b in zip(DIFF_KEYS, got, want):
-        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_accurate_far_from_zero(emulated_op(emu), 12, c, "cpu")
 
 
 @pytest.mark.parametrize("c", [10, 60, 200])
@@ -206,13 +182,10 @@ def test_minus_infinity_logits_are_classes_left_out(emu, c):
         masked[torch.arange(9), labels] = False
         case[key] = x.masked_fill(masked, float("-inf"))
     grads = torch.randn(7, 9, generator=torch.Generator().manual_seed(1))
-    out, got = run_with_grads(emulated_op(emu), case, grads)
-    ref, want = run_with_grads(interaction_scores_ref, case, grads)
+    out, _ = assert_matches_reference(emulated_op(emu), case, grads,
+                                      **tolerances(torch.float32, 10.0))
     for field in out:
         assert torch.isfinite(field).all()
-    assert_close_scores(out, ref, **tolerances(torch.float32, 10.0))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, **tolerances(torch.float32, 10.0))
 
 
 @pytest.mark.parametrize("c", [6, 100, 131])
@@ -222,16 +195,8 @@ def test_low_precision_error_within_twice_pytorch(emu, dtype, redundancy, c):
     """Half-precision logits, scores and gradients, in each group size: error against the float32
     truth at most twice that of PyTorch computing from the same rounded logits."""
     case32 = make_case(67, c, redundancy=redundancy, prior=True, seed=9)
-    low = {k: (v.to(dtype) if k.startswith("logits") else v) for k, v in case32.items()}
-    grads = torch.randn(7, 67, generator=torch.Generator().manual_seed(2))
-    truth, truth_g = run_with_grads(interaction_scores_ref, case32, grads)
-    torch_out, torch_g = run_with_grads(interaction_scores_ref, low, grads.to(dtype))
-    ours, ours_g = run_with_grads(emulated_op(emu), low, grads.to(dtype))
-    for t, p, o in zip(truth, torch_out, ours):
-        assert o.dtype == dtype
-        assert (o.float() - t).abs().max().item() <= 2 * (p.float() - t).abs().max().item() + 1e-6
-    for t, p, o in zip(truth_g, torch_g, ours_g):
-        assert (o.float() - t).abs().max().item() <= 2 * (p.float() - t).abs().max().item() + 1e-6
+    assert_low_precision_within_twice_pytorch(
+        emulated_op(emu), case32, dtype, torch.randn(7, 67, generator=torch.Generator().manual_seed(2)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -241,21 +206,7 @@ def test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie(emu, 
     re-decides r's branch from pmis rebuilt in float32, and the gradient of r goes to the logits
     of the modality the float32 forward chose, worked out here in float64 (as in
     test_interaction_scores)."""
-    near = torch.tensor([[4.0, 0.0]], dtype=dtype)
-    far = torch.tensor([[_BELOW_FOUR[dtype], 0.0]], dtype=dtype)
-    l1, l2 = (near, far) if redundancy == "mmi" else (far, near)
-    chosen = far if redundancy == "mmi" else near
-    extra = {} if redundancy == "mmi" else dict(entropy_1=torch.zeros(1), entropy_2=torch.zeros(1))
-    a, b = l1.clone().requires_grad_(), l2.clone().requires_grad_()
-    out = emulated_op(emu)(a, b, torch.zeros_like(near), torch.tensor([0]),
-                           redundancy=redundancy, **extra)
-    assert out.pmi_1.item() == out.pmi_2.item()  # a tie once rounded: the case this is about
-    out.redundancy.sum().backward()
-    p = torch.softmax(chosen.double(), -1)
-    want = (torch.tensor([[1.0, 0.0]], dtype=torch.float64) - p).to(dtype)
-    got_chosen, got_other = (b.grad, a.grad) if chosen is l2 else (a.grad, b.grad)
-    assert torch.equal(got_other, torch.zeros_like(got_other)), got_other
-    torch.testing.assert_close(got_chosen, want, rtol=1e-2, atol=1e-4)
+    assert_rounded_tie_takes_the_forwards_branch(emulated_op(emu), dtype, redundancy, "cpu")
 
 
 @pytest.mark.parametrize("c", [5, 37, 200])

@@ -88,6 +88,30 @@ def tolerances(dtype, scale=1.0):
     return dict(rtol=2e-5, atol=2e-5 * scale)
 
 
+def assert_matches_reference(fn, case, grads, *, rtol, atol):
+    """fn(**case)'s scores, and its gradients for ``grads`` (see run_with_grads), against the
+    reference's on the same case; returns fn's (scores, gradients)."""
+    out, got = run_with_grads(fn, case, grads)
+    ref, want = run_with_grads(interaction_scores_ref, case, grads)
+    assert_close_scores(out, ref, rtol=rtol, atol=atol)
+    for name, g, w in zip([k for k in DIFF_KEYS if k in case], got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    return out, got
+
+
+def assert_gradients_accurate_far_from_zero(fn, b, c, device):
+    """Logits offset by 1e4: fn's float32 gradients against the float64 reference on the same
+    values, within float32 round-off."""
+    case = make_case(b, c, device=device, seed=c)
+    shifted = {k: (v + 1e4 if k.startswith("logits") else v) for k, v in case.items()}
+    grads = [torch.randn(b, generator=torch.Generator().manual_seed(k)).to(device) for k in range(7)]
+    _, got = run_with_grads(fn, shifted, grads)
+    exact = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in shifted.items()}
+    _, want = run_with_grads(interaction_scores_ref, exact, [g.double() for g in grads])
+    for name, a, w in zip(DIFF_KEYS, got, want):
+        torch.testing.assert_close(a.double(), w, rtol=2e-6, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ---- forward and gradients against the reference -------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", FUSED_DEVICES)
@@ -100,12 +124,8 @@ def test_matches_reference(backend, device, b, c, redundancy, prior, dtype, seed
                      seed=seed)
     grads = torch.randn(7, b, generator=torch.Generator().manual_seed(seed + 1),
                         dtype=torch.float64).to(device, dtype)
-    out, got = run_with_grads(lambda **k: dm.ops.interaction_scores(**k, backend=backend), case,
-                              grads)
-    ref, want = run_with_grads(interaction_scores_ref, case, grads)
-    assert_close_scores(out, ref, **tolerances(dtype, 10.0))
-    for name, g, w in zip([k for k in DIFF_KEYS if k in case], got, want):
-        torch.testing.assert_close(g, w, **tolerances(dtype, 10.0), msg=lambda m: f"{name}: {m}")
+    assert_matches_reference(lambda **k: dm.ops.interaction_scores(**k, backend=backend), case,
+                             grads, **tolerances(dtype, 10.0))
 
 
 @pytest.mark.parametrize("backend,device", FUSED_DEVICES)
@@ -207,15 +227,8 @@ def test_gradients_stay_accurate_far_from_zero(backend, device, c):
     float32 round-off of the gradients (a float32 log-sum-exp saved for the backward costs half
     an ulp of 1e4, 5e-4, in every gradient)."""
     require(backend, device)
-    case = make_case(16, c, device=device, seed=c)
-    shifted = {k: (v + 1e4 if k.startswith("logits") else v) for k, v in case.items()}
-    grads = [torch.randn(16, generator=torch.Generator().manual_seed(k)).to(device) for k in range(7)]
-    fn = dict(backend=backend)
-    _, got = run_with_grads(lambda **kw: dm.ops.interaction_scores(**kw, **fn), shifted, grads)
-    exact = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in shifted.items()}
-    _, want = run_with_grads(interaction_scores_ref, exact, [g.double() for g in grads])
-    for name, a, b in zip(DIFF_KEYS, got, want):
-        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_accurate_far_from_zero(
+        lambda **kw: dm.ops.interaction_scores(**kw, backend=backend), 16, c, device)
 
 
 @pytest.mark.parametrize("backend,device", FUSED_DEVICES)
@@ -373,13 +386,8 @@ def test_class_counts_at_the_cuda_kernels_group_edges(backend, device, c):
     require(backend, device)
     case = make_case(515, c, prior=c % 2 == 0, device=device, seed=c)
     grads = torch.randn(7, 515, generator=torch.Generator().manual_seed(c)).to(device)
-    out, got = run_with_grads(lambda **k: dm.ops.interaction_scores(**k, backend=backend), case,
-                              grads)
-    ref, want = run_with_grads(interaction_scores_ref, case, grads)
-    assert_close_scores(out, ref, **tolerances(torch.float32, 10.0))
-    for name, g, w in zip([k for k in DIFF_KEYS if k in case], got, want):
-        torch.testing.assert_close(g, w, **tolerances(torch.float32, 10.0),
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_matches_reference(lambda **k: dm.ops.interaction_scores(**k, backend=backend), case,
+                             grads, **tolerances(torch.float32, 10.0))
 
 
 # ---- extremes ---------------------------------------------------------------------------------
@@ -695,12 +703,19 @@ def test_cpp_op_raises_runtime_error(backend, device):
 def test_low_precision_error_within_twice_pytorch(backend, device, dtype, redundancy):
     require(backend, device, dtype)
     case32 = make_case(257, 131, redundancy=redundancy, prior=True, device=device, seed=9)
+    assert_low_precision_within_twice_pytorch(
+        lambda **k: dm.ops.interaction_scores(**k, backend=backend), case32, dtype,
+        torch.randn(7, 257, device=device))
+
+
+def assert_low_precision_within_twice_pytorch(fn, case32, dtype, grads):
+    """fn on the float32 case's logits rounded to ``dtype``: scores and gradients (for ``grads``)
+    within twice the error of PyTorch's own from the same rounded logits, against the float32
+    truth."""
     low = {k: (v.to(dtype) if k.startswith("logits") else v) for k, v in case32.items()}
-    grads = torch.randn(7, 257, device=device)
     truth, truth_g = run_with_grads(interaction_scores_ref, case32, grads)
     torch_out, torch_g = run_with_grads(interaction_scores_ref, low, grads.to(dtype))
-    ours, ours_g = run_with_grads(lambda **k: dm.ops.interaction_scores(**k, backend=backend),
-                                  low, grads.to(dtype))
+    ours, ours_g = run_with_grads(fn, low, grads.to(dtype))
     for t, p, o in zip(truth, torch_out, ours):
         assert o.dtype == dtype
         err_torch = (p.float() - t).abs().max().item()
@@ -727,6 +742,14 @@ def test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie(backe
     and the gradient are worked out here in float64 (MMI: r = pmi_2; LSMI with the modalities
     swapped and zero entropies: r = -min(-pmi_1, -pmi_2) = max, again the one just above)."""
     require(backend, device, dtype)
+    assert_rounded_tie_takes_the_forwards_branch(
+        lambda *a, **k: dm.ops.interaction_scores(*a, **k, backend=backend), dtype, redundancy,
+        device)
+
+
+def assert_rounded_tie_takes_the_forwards_branch(fn, dtype, redundancy, device):
+    """The case of test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie, for
+    fn(logits_1, logits_2, logits_12, labels, redundancy=..., [entropy_1=, entropy_2=])."""
     near = torch.tensor([[4.0, 0.0]], dtype=dtype, device=device)
     far = torch.tensor([[_BELOW_FOUR[dtype], 0.0]], dtype=dtype, device=device)
     # MMI: r = min(pmi_1, pmi_2) = pmi of `far`; LSMI: r = max(pmi_1, pmi_2) = pmi of `near`.
@@ -735,8 +758,8 @@ def test_low_precision_gradient_takes_the_forwards_branch_at_a_rounded_tie(backe
     extra = {} if redundancy == "mmi" else dict(entropy_1=torch.zeros(1, device=device),
                                                 entropy_2=torch.zeros(1, device=device))
     a, b = l1.clone().requires_grad_(), l2.clone().requires_grad_()
-    out = dm.ops.interaction_scores(a, b, torch.zeros_like(near), torch.tensor([0], device=device),
-                                    redundancy=redundancy, backend=backend, **extra)
+    out = fn(a, b, torch.zeros_like(near), torch.tensor([0], device=device),
+             redundancy=redundancy, **extra)
     assert out.pmi_1.item() == out.pmi_2.item()  # a tie once rounded: the case this is about
     out.redundancy.sum().backward()
     p = torch.softmax(chosen.double(), -1)
