@@ -10,7 +10,7 @@ import importlib as _importlib
 import torch as _torch  # noqa: F401  (the C++ extension needs torch's libraries loaded first)
 
 from . import ops
-from .ops import diagonal_gaussian_kl
+from .compat import diagonal_gaussian_kl  # the official function's signature and conversions
 
 __version__ = "0.1.0"
 

@@ -113,7 +113,9 @@ def diagonal_gaussian_kl(q_mu: torch.Tensor, q_logvar: torch.Tensor,
     """KL divergence between diagonal Gaussians q = N(q_mu, exp(q_logvar)), p = N(p_mu, exp(p_logvar)).
 
     Positionally the same as the official ``diagonal_gaussian_kl(q_mean, q_log_var, p_mean=0.0,
-    p_log_var=0.0)`` (mean over every element). Differentiable in every tensor argument.
+    p_log_var=0.0)`` (mean over every element), but stricter: one dtype, priors that broadcast to
+    q's shape. ``dm.diagonal_gaussian_kl`` (:mod:`dmil_fast.compat`) takes the official names and
+    conversions and calls this. Differentiable in every tensor argument.
 
     Args:
         q_mu, q_logvar: (..., E), same shape, dtype and device (float16/float32/float64 on CPU and
