@@ -68,7 +68,8 @@ class ResultLog:
         for r in self.records:
             info = r["extra_info"]
             cases.setdefault(tuple(info.get(k) for k in _CASE_FIELDS), []).append(r)
-        head = f"{'case':70s} {'provider':10s} {'median':>10s} {'rate':>16s} {'vs ref':>7s} {'vs comp':>7s} {'copy%':>6s}"
+        head = (f"{'case':70s} {'provider':10s} {'median':>10s} {'rate':>16s} {'vs ref':>7s} {'vs comp':>7s} "
+                f"{'copy%':>6s} {'faults':>7s}")
         lines = [head, "-" * len(head)]
         for key, rows in cases.items():
             medians = {r["extra_info"].get("provider"): r["stats"]["median"] for r in rows}
@@ -77,9 +78,11 @@ class ResultLog:
                 info, median = r["extra_info"], r["stats"]["median"]
                 ratios = [_ratio(medians.get(base), median) for base in _BASELINES]
                 frac = info.get("fraction_of_copy_bw")
+                faults = info.get("page_faults_per_call")
                 lines.append(f"{case[:70]:70s} {str(info.get('provider')):10s} {_fmt_time(median):>10s} "
                              f"{_rate(info):>16s} {ratios[0]:>7s} {ratios[1]:>7s} "
-                             f"{'' if frac is None else f'{100 * frac:.0f}%':>6s}")
+                             f"{'' if frac is None else f'{100 * frac:.0f}%':>6s} "
+                             f"{'' if faults is None else f'{faults:.0f}':>7s}")
                 case = ""
         return lines
 

@@ -34,3 +34,40 @@ def test_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
     seconds = [0.5, 0.1, 0.3, 0.2, 0.4, 0.6, 0.7]  # median 0.4
     monkeypatch.setattr(bench_harness, "time_rounds", lambda fn, device, rounds: seconds)
     assert bench_harness.copy_bandwidth_gbps("cpu") == pytest.approx(2 * 2**24 * 4 / 0.4 / 1e9)
+
+
+class _Pedantic(SimpleNamespace):
+    """A stand-in for pytest-benchmark's fixture: pedantic() calls the function rounds x iterations times."""
+
+    def pedantic(self, fn, *, rounds, iterations, warmup_rounds=0, setup=None):
+        for _ in range(rounds * iterations):
+            fn()
+
+
+def test_cpu_measure_counts_the_page_faults_of_fresh_memory():
+    """Each call maps 64 fresh anonymous pages and writes one byte into each: every write is a
+    minor page fault, so at least 64 per call are counted (a little more from the interpreter)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+
+    def touch_fresh_pages():
+        buf = mmap.mmap(-1, 64 * page)
+        for i in range(64):
+            buf[i * page] = 1
+        buf.close()
+        return 0
+
+    bench = _Pedantic(extra_info={})
+    bench_harness.measure(bench, touch_fresh_pages, "cpu")
+    assert bench.extra_info["page_faults_per_call"] >= 64
+    reused = bytearray(64 * page)  # touched once here, then only rewritten: no fault per call
+
+    def rewrite():
+        for i in range(64):
+            reused[i * page] = 2
+        return 0
+
+    quiet = _Pedantic(extra_info={})
+    bench_harness.measure(quiet, rewrite, "cpu")
+    assert quiet.extra_info["page_faults_per_call"] < 64

@@ -39,6 +39,16 @@ def test_ratio_lines_give_each_provider_the_baselines_median_over_its_own():
     assert "1.50x" in compile_ and "1.00x" in compile_  # reference / compile, compile / compile
 
 
+def test_ratio_lines_show_the_page_faults_per_call_where_counted():
+    log = bench_report.ResultLog()
+    log.add("test[reference]", _benchmark("reference", 3e-3, gbps=10.0, page_faults_per_call=2412.3))
+    log.add("test[cpp]", _benchmark("cpp", 1e-3, gbps=30.0))
+    lines = log.ratio_lines()
+    assert lines[0].split()[-1] == "faults"
+    assert next(line for line in lines if " reference " in line).split()[-1] == "2412"
+    assert next(line for line in lines if " cpp " in line).split()[-1] == "3.00x"  # none counted: blank
+
+
 def test_times_are_printed_in_their_unit():
     assert bench_report._fmt_time(1.5) == "1.500 s"
     assert bench_report._fmt_time(2.5e-3) == "2.500 ms"
