@@ -13,12 +13,14 @@
 // entropies and the log prior are passed in that dtype.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace dmil_fast {
@@ -76,6 +78,74 @@ inline std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>&
     return std::nullopt;
   }
   return t->contiguous();
+}
+
+// The forward's inputs as every kernel reads them (after check_forward_args): contiguous (each
+// a copy only where it was not), the entropies only for LSMI, the log prior when given.
+struct ForwardInputs {
+  at::Tensor logits[kNumRows];
+  at::Tensor labels;
+  std::optional<at::Tensor> entropy_1;
+  std::optional<at::Tensor> entropy_2;
+  std::optional<at::Tensor> log_prior;
+};
+
+inline ForwardInputs contiguous_forward_inputs(const at::Tensor& logits_1, const at::Tensor& logits_2,
+                                               const at::Tensor& logits_12, const at::Tensor& labels,
+                                               const std::optional<at::Tensor>& entropy_1,
+                                               const std::optional<at::Tensor>& entropy_2,
+                                               const std::optional<at::Tensor>& log_prior,
+                                               int64_t redundancy) {
+  const bool lsmi = redundancy == kLsmi;
+  return {{logits_1.contiguous(), logits_2.contiguous(), logits_12.contiguous()},
+          labels.contiguous(),
+          opt_contiguous(entropy_1, lsmi),
+          opt_contiguous(entropy_2, lsmi),
+          opt_contiguous(log_prior, true)};
+}
+
+// The forward's outputs, uninitialised: scores (B, 7) in the logits dtype and the log-sum-exps
+// (B, 3) in double, or (0, 3) when no backward follows (save_lse false).
+inline std::tuple<at::Tensor, at::Tensor> empty_forward_outputs(const Sizes& sz,
+                                                                const at::Tensor& logits,
+                                                                bool save_lse) {
+  return {at::empty({sz.batch, kNumScores}, logits.options()),
+          at::empty({save_lse ? sz.batch : 0, kNumRows}, logits.options().dtype(at::kDouble))};
+}
+
+// The backward's inputs as every kernel reads them (after check_backward_args), as ForwardInputs.
+struct BackwardInputs {
+  at::Tensor grad_scores;
+  at::Tensor scores;
+  at::Tensor lse;
+  at::Tensor logits[kNumRows];
+  at::Tensor labels;
+  std::optional<at::Tensor> entropy_1;
+  std::optional<at::Tensor> entropy_2;
+};
+
+inline BackwardInputs contiguous_backward_inputs(
+    const at::Tensor& grad_scores, const at::Tensor& scores, const at::Tensor& lse,
+    const at::Tensor& logits_1, const at::Tensor& logits_2, const at::Tensor& logits_12,
+    const at::Tensor& labels, const std::optional<at::Tensor>& entropy_1,
+    const std::optional<at::Tensor>& entropy_2, int64_t redundancy) {
+  const bool lsmi = redundancy == kLsmi;
+  return {grad_scores.contiguous(),
+          scores.contiguous(),
+          lse.contiguous(),
+          {logits_1.contiguous(), logits_2.contiguous(), logits_12.contiguous()},
+          labels.contiguous(),
+          opt_contiguous(entropy_1, lsmi),
+          opt_contiguous(entropy_2, lsmi)};
+}
+
+// The backward's outputs, uninitialised: the three logits' gradients (contiguous, in the logits
+// dtype) and the entropies' gradients (B, 2) in the accumulation dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_backward_outputs(
+    const Sizes& sz, const BackwardInputs& in) {
+  const at::Tensor& l = in.logits[0];
+  return {at::empty_like(l), at::empty_like(in.logits[1]), at::empty_like(in.logits[2]),
+          at::empty({sz.batch, 2}, l.options().dtype(at::toOpMathType(l.scalar_type())))};
 }
 
 // min(a, b) that takes `a` on ties; the gradient follows the chosen argument.

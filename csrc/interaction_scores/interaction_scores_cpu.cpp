@@ -270,28 +270,23 @@ std::tuple<at::Tensor, at::Tensor> interaction_scores_cpu(
     int64_t redundancy, bool save_lse) {
   const Sizes sz = check_forward_args(logits_1, logits_2, logits_12, labels, entropy_1, entropy_2,
                                       log_prior, redundancy, c10::DeviceType::CPU);
-  const at::Tensor l[kNumRows] = {logits_1.contiguous(), logits_2.contiguous(),
-                                  logits_12.contiguous()};
-  const at::Tensor y = labels.contiguous();
-  check_labels_in_range(kForwardName, y, sz.num_classes);
-  const bool lsmi = redundancy == kLsmi;
-  const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
-  const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
-  const std::optional<at::Tensor> lp = opt_contiguous(log_prior, true);
-  at::Tensor scores = at::empty({sz.batch, kNumScores}, logits_1.options());
-  at::Tensor lse = at::empty({save_lse ? sz.batch : 0, kNumRows}, logits_1.options().dtype(at::kDouble));
+  const ForwardInputs in = contiguous_forward_inputs(logits_1, logits_2, logits_12, labels,
+                                                     entropy_1, entropy_2, log_prior, redundancy);
+  check_labels_in_range(kForwardName, in.labels, sz.num_classes);
+  at::Tensor scores, lse;  // not structured bindings: the dispatch lambda captures them (C++17)
+  std::tie(scores, lse) = empty_forward_outputs(sz, in.logits[0], save_lse);
   if (sz.batch == 0) {
     return {scores, lse};
   }
   AT_DISPATCH_FLOATING_TYPES(logits_1.scalar_type(), kForwardName, [&] {
-    const scalar_t* rows[kNumRows] = {l[0].data_ptr<scalar_t>(), l[1].data_ptr<scalar_t>(),
-                                      l[2].data_ptr<scalar_t>()};
     const ForwardArgs<scalar_t> args{
         scores.data_ptr<scalar_t>(), save_lse ? lse.data_ptr<double>() : nullptr,
-        {rows[0], rows[1], rows[2]},
-        y.data_ptr<int64_t>(), opt_ptr<scalar_t>(h1), opt_ptr<scalar_t>(h2),
-        opt_ptr<scalar_t>(lp), static_cast<scalar_t>(std::log(static_cast<double>(sz.num_classes))),
-        redundancy, sz.num_classes};
+        {in.logits[0].data_ptr<scalar_t>(), in.logits[1].data_ptr<scalar_t>(),
+         in.logits[2].data_ptr<scalar_t>()},
+        in.labels.data_ptr<int64_t>(), opt_ptr<scalar_t>(in.entropy_1),
+        opt_ptr<scalar_t>(in.entropy_2), opt_ptr<scalar_t>(in.log_prior),
+        static_cast<scalar_t>(std::log(static_cast<double>(sz.num_classes))), redundancy,
+        sz.num_classes};
     const ForwardBlock<scalar_t> block = pick_forward<scalar_t>();
     at::parallel_for(0, sz.batch, grain_samples(sz.num_classes),
                      [&](int64_t begin, int64_t end) { block(args, begin, end); });
@@ -307,35 +302,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interaction_scores_ba
   const Sizes sz = check_backward_args(grad_scores, scores, lse, logits_1, logits_2, logits_12,
                                        labels, entropy_1, entropy_2, redundancy,
                                        c10::DeviceType::CPU);
-  const at::Tensor l[kNumRows] = {logits_1.contiguous(), logits_2.contiguous(),
-                                  logits_12.contiguous()};
-  const at::Tensor y = labels.contiguous();
-  check_labels_in_range(kBackwardName, y, sz.num_classes);
-  const at::Tensor g = grad_scores.contiguous();
-  const at::Tensor s = scores.contiguous();
-  const at::Tensor m = lse.contiguous();
-  const bool lsmi = redundancy == kLsmi;
-  const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
-  const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
-  at::Tensor out[kNumRows] = {at::empty_like(l[0]), at::empty_like(l[1]), at::empty_like(l[2])};
-  at::Tensor grad_entropy = at::empty({sz.batch, 2}, logits_1.options());
+  const BackwardInputs in = contiguous_backward_inputs(grad_scores, scores, lse, logits_1, logits_2,
+                                                       logits_12, labels, entropy_1, entropy_2,
+                                                       redundancy);
+  check_labels_in_range(kBackwardName, in.labels, sz.num_classes);
+  at::Tensor grad_1, grad_2, grad_12, grad_entropy;
+  std::tie(grad_1, grad_2, grad_12, grad_entropy) = empty_backward_outputs(sz, in);
   if (sz.batch > 0) {
     AT_DISPATCH_FLOATING_TYPES(logits_1.scalar_type(), kBackwardName, [&] {
-      const scalar_t* rows[kNumRows] = {l[0].data_ptr<scalar_t>(), l[1].data_ptr<scalar_t>(),
-                                        l[2].data_ptr<scalar_t>()};
-      scalar_t* grads[kNumRows] = {out[0].data_ptr<scalar_t>(), out[1].data_ptr<scalar_t>(),
-                                   out[2].data_ptr<scalar_t>()};
       const BackwardArgs<scalar_t> args{
-          {grads[0], grads[1], grads[2]}, grad_entropy.data_ptr<scalar_t>(),
-          g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), m.data_ptr<double>(),
-          {rows[0], rows[1], rows[2]}, y.data_ptr<int64_t>(), opt_ptr<scalar_t>(h1),
-          opt_ptr<scalar_t>(h2), redundancy, sz.num_classes};
+          {grad_1.data_ptr<scalar_t>(), grad_2.data_ptr<scalar_t>(), grad_12.data_ptr<scalar_t>()},
+          grad_entropy.data_ptr<scalar_t>(), in.grad_scores.data_ptr<scalar_t>(),
+          in.scores.data_ptr<scalar_t>(), in.lse.data_ptr<double>(),
+          {in.logits[0].data_ptr<scalar_t>(), in.logits[1].data_ptr<scalar_t>(),
+           in.logits[2].data_ptr<scalar_t>()},
+          in.labels.data_ptr<int64_t>(), opt_ptr<scalar_t>(in.entropy_1),
+          opt_ptr<scalar_t>(in.entropy_2), redundancy, sz.num_classes};
       const BackwardBlock<scalar_t> block = pick_backward<scalar_t>();
       at::parallel_for(0, sz.batch, grain_samples(sz.num_classes),
                        [&](int64_t begin, int64_t end) { block(args, begin, end); });
     });
   }
-  return {out[0], out[1], out[2], grad_entropy};
+  return {grad_1, grad_2, grad_12, grad_entropy};
 }
 
 }  // namespace

@@ -307,17 +307,10 @@ std::tuple<at::Tensor, at::Tensor> scores_forward(
     const Launch& launch) {
   TORCH_CHECK(sz.num_classes <= kMaxClasses, kForwardName, ": the CUDA kernel takes at most ",
               kMaxClasses, " classes, got ", sz.num_classes);
-  const at::Tensor l1 = logits_1.contiguous();
-  const at::Tensor l2 = logits_2.contiguous();
-  const at::Tensor l12 = logits_12.contiguous();
-  const at::Tensor y = labels.contiguous();
-  const bool lsmi = redundancy == kLsmi;
-  const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
-  const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
-  const std::optional<at::Tensor> lp = opt_contiguous(log_prior, true);
-  at::Tensor scores = at::empty({sz.batch, kNumScores}, logits_1.options());
-  at::Tensor lse =
-      at::empty({save_lse ? sz.batch : 0, kNumRows}, logits_1.options().dtype(at::kDouble));
+  const ForwardInputs in = contiguous_forward_inputs(logits_1, logits_2, logits_12, labels,
+                                                     entropy_1, entropy_2, log_prior, redundancy);
+  at::Tensor scores, lse;  // not structured bindings: the dispatch lambda captures them (C++17)
+  std::tie(scores, lse) = empty_forward_outputs(sz, in.logits[0], save_lse);
   if (sz.batch == 0) {
     return {scores, lse};
   }
@@ -330,9 +323,10 @@ std::tuple<at::Tensor, at::Tensor> scores_forward(
           constexpr int kLanes = decltype(lanes)::value;
           launch(&interaction_scores_forward_kernel<scalar_t, acc_t, kLanes>,
                  num_blocks(sz.batch, kLanes), scores.data_ptr<scalar_t>(),
-                 save_lse ? lse.data_ptr<double>() : nullptr, l1.data_ptr<scalar_t>(),
-                 l2.data_ptr<scalar_t>(), l12.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
-                 opt_ptr<acc_t>(h1), opt_ptr<acc_t>(h2), opt_ptr<acc_t>(lp), log_c, redundancy,
+                 save_lse ? lse.data_ptr<double>() : nullptr, in.logits[0].data_ptr<scalar_t>(),
+                 in.logits[1].data_ptr<scalar_t>(), in.logits[2].data_ptr<scalar_t>(),
+                 in.labels.data_ptr<int64_t>(), opt_ptr<acc_t>(in.entropy_1),
+                 opt_ptr<acc_t>(in.entropy_2), opt_ptr<acc_t>(in.log_prior), log_c, redundancy,
                  sz.batch, sz.num_classes);
         });
       });
@@ -347,21 +341,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
     const at::Tensor& logits_12, const at::Tensor& labels,
     const std::optional<at::Tensor>& entropy_1, const std::optional<at::Tensor>& entropy_2,
     int64_t redundancy, const Launch& launch) {
-  const at::Tensor l1 = logits_1.contiguous();
-  const at::Tensor l2 = logits_2.contiguous();
-  const at::Tensor l12 = logits_12.contiguous();
-  const at::Tensor y = labels.contiguous();
-  const at::Tensor g = grad_scores.contiguous();
-  const at::Tensor s = scores.contiguous();
-  const at::Tensor m = lse.contiguous();
-  const bool lsmi = redundancy == kLsmi;
-  const std::optional<at::Tensor> h1 = opt_contiguous(entropy_1, lsmi);
-  const std::optional<at::Tensor> h2 = opt_contiguous(entropy_2, lsmi);
-  const auto acc = at::toOpMathType(logits_1.scalar_type());
-  at::Tensor grad_1 = at::empty_like(l1);
-  at::Tensor grad_2 = at::empty_like(l2);
-  at::Tensor grad_12 = at::empty_like(l12);
-  at::Tensor grad_entropy = at::empty({sz.batch, 2}, logits_1.options().dtype(acc));
+  const BackwardInputs in = contiguous_backward_inputs(grad_scores, scores, lse, logits_1, logits_2,
+                                                       logits_12, labels, entropy_1, entropy_2,
+                                                       redundancy);
+  at::Tensor grad_1, grad_2, grad_12, grad_entropy;
+  std::tie(grad_1, grad_2, grad_12, grad_entropy) = empty_backward_outputs(sz, in);
   if (sz.batch == 0) {
     return {grad_1, grad_2, grad_12, grad_entropy};
   }
@@ -374,10 +358,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scores_backward(
           launch(&interaction_scores_backward_kernel<scalar_t, acc_t, kLanes>,
                  num_blocks(sz.batch, kLanes), grad_1.data_ptr<scalar_t>(),
                  grad_2.data_ptr<scalar_t>(), grad_12.data_ptr<scalar_t>(),
-                 grad_entropy.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
-                 m.data_ptr<double>(), l1.data_ptr<scalar_t>(), l2.data_ptr<scalar_t>(),
-                 l12.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), opt_ptr<acc_t>(h1),
-                 opt_ptr<acc_t>(h2), redundancy, sz.batch, sz.num_classes);
+                 grad_entropy.data_ptr<acc_t>(), in.grad_scores.data_ptr<scalar_t>(),
+                 in.scores.data_ptr<scalar_t>(), in.lse.data_ptr<double>(),
+                 in.logits[0].data_ptr<scalar_t>(), in.logits[1].data_ptr<scalar_t>(),
+                 in.logits[2].data_ptr<scalar_t>(), in.labels.data_ptr<int64_t>(),
+                 opt_ptr<acc_t>(in.entropy_1), opt_ptr<acc_t>(in.entropy_2), redundancy, sz.batch,
+                 sz.num_classes);
         });
       });
   return {grad_1, grad_2, grad_12, grad_entropy};
