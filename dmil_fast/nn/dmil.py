@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BACKENDS
+from ..compat import diagonal_gaussian_kl
+from ..ops import BACKENDS, gaussian_sample
 from ..ops._dispatch import _assume_constant_result, choose_backend, requested_backend
 from ..ops.variational_bottleneck import variational_bottleneck_backend
 from .bottleneck import VariationalBottleneck
 from ._modes import eval_mode
 from .decomposition import align_kl, first_level, recon_loss, second_level
-from .inputs import encode_inputs
+from .inputs import check_embeddings, encode_inputs
 from .parts import _plain_linear, linear_on_parts, sequential_on_parts
 
 Tensor = torch.Tensor
@@ -122,6 +123,11 @@ class DMILModel(nn.Module):
     Every loss value is a (1,) tensor. Every KL is unweighted (the mean KL of DESIGN section 1),
     as the official model returns it; all weighting lives in the objective
     (:func:`dmil_fast.train.dmil_loss`).
+
+    The official model's other public methods are here too, for code that calls them: ``get_loss``
+    (a sample and its KL), and the stages on embeddings ``train_stage_1_vib(v, a,
+    train_modality)``, ``train_stage_2_decomposition_routing(v, a)`` and
+    ``train_stage_3_joint_finetune(v, a)`` (v, a: the (B, E) outputs of ``embed_v`` / ``embed_a``).
 
     Older checkpoints: revisions of the official model before the current one also built three
     unused classifiers ``clf_audio_fc``, ``clf_visual_fc`` and ``clf_joint_fc``. Their keys
@@ -427,6 +433,44 @@ class DMILModel(nn.Module):
             "loss_red": h.kl_red.reshape(1),
             "gate_weights": gate,
         }
+
+    # ------------------------------------------------------------ the official model's methods
+
+    def get_loss(self, z_mean: Tensor, z_log_var: Tensor, r_mean=0.0, r_log_var=0.0) -> Tuple[Tensor, Tensor]:
+        """The official helper: ``(z, kl)`` with ``kl`` the unweighted KL(N(z_mean, exp(z_log_var)) ||
+        N(r_mean, exp(r_log_var))), the mean over every element, of shape (1,), and ``z`` a sample
+        z_mean + exp(z_log_var / 2) * eps in training mode, ``z_mean`` in eval mode.
+
+        The priors are taken as ``dm.diagonal_gaussian_kl`` takes them (numbers or tensors). On the
+        reference path eps is ``torch.randn_like(z_mean)``, the official draw; on the fused path it is
+        drawn in the kernel (:func:`dmil_fast.ops.gaussian_sample`).
+        """
+        backend = "reference" if self._reference else self.backend
+        kl = diagonal_gaussian_kl(z_mean, z_log_var, r_mean, r_log_var, backend=backend).reshape(1)
+        if not self.training:
+            return z_mean, kl
+        if self._reference:
+            return z_mean + torch.exp(z_log_var / 2) * torch.randn_like(z_mean), kl
+        return gaussian_sample(z_mean, z_log_var, backend=backend), kl
+
+    def train_stage_1_vib(self, v: Tensor, a: Tensor, train_modality: str = "both") -> Dict[str, object]:
+        """Stage 1 on embeddings v, a (B, E), the outputs of ``embed_v`` / ``embed_a``, whatever
+        ``self.stage`` is: the official method, with the outputs of ``forward`` in stage 1."""
+        if train_modality not in TRAIN_MODALITIES:
+            raise ValueError(f"train_modality must be one of {TRAIN_MODALITIES}, got {train_modality!r}")
+        check_embeddings(self, v, a)
+        return self._stage1(v, a, train_modality, self._recomputes(v))
+
+    def train_stage_2_decomposition_routing(self, v: Tensor, a: Tensor) -> Dict[str, object]:
+        """Stage 2 on embeddings v, a (B, E), whatever ``self.stage`` is (the stage-1 modules run
+        without gradients, in the mode they are in: ``configure_stage(2)`` puts them in eval mode)."""
+        check_embeddings(self, v, a)
+        return self._stage2(v, a, self._recomputes(v))
+
+    def train_stage_3_joint_finetune(self, v: Tensor, a: Tensor) -> Dict[str, object]:
+        """Stage 3 on embeddings v, a (B, E), whatever ``self.stage`` is."""
+        check_embeddings(self, v, a)
+        return self._stage3(v, a, self._recomputes(v))
 
     # ------------------------------------------------------------ analysis
 
