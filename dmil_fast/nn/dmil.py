@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, Optional, Tuple
 
@@ -436,10 +437,14 @@ class DMILModel(nn.Module):
 
     # ------------------------------------------------------------ the official model's methods
 
-    def get_loss(self, z_mean: Tensor, z_log_var: Tensor, r_mean=0.0, r_log_var=0.0) -> Tuple[Tensor, Tensor]:
+    def get_loss(self, z_mean: Tensor, z_log_var: Tensor, r_mean=0.0, r_log_var=0.0,
+                 lamb: Optional[float] = None) -> Tuple[Tensor, Tensor]:
         """The official helper: ``(z, kl)`` with ``kl`` the unweighted KL(N(z_mean, exp(z_log_var)) ||
         N(r_mean, exp(r_log_var))), the mean over every element, of shape (1,), and ``z`` a sample
-        z_mean + exp(z_log_var / 2) * eps in training mode, ``z_mean`` in eval mode.
+        z_mean + exp(z_log_var / 2) * eps in training mode, ``z_mean`` in eval mode. ``lamb``: the
+        factor that older revisions of the official helper took (default 0.1 there) and multiplied
+        the KL by; given, the KL is multiplied by it here too; left out, the KL is unweighted, as
+        the current revision returns it.
 
         The priors are taken as ``dm.diagonal_gaussian_kl`` takes them (numbers or tensors). On the
         reference path eps is ``torch.randn_like(z_mean)``, the official draw; on the fused path it is
@@ -447,6 +452,10 @@ class DMILModel(nn.Module):
         """
         backend = "reference" if self._reference else self.backend
         kl = diagonal_gaussian_kl(z_mean, z_log_var, r_mean, r_log_var, backend=backend).reshape(1)
+        if lamb is not None:
+            if isinstance(lamb, bool) or not isinstance(lamb, numbers.Real) or not math.isfinite(lamb):
+                raise TypeError(f"lamb must be a finite number (the KL's factor) or None, got {lamb!r}")
+            kl = lamb * kl
         if not self.training:
             return z_mean, kl
         if self._reference:

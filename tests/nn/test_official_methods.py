@@ -146,3 +146,16 @@ def test_bad_embeddings_are_named(call, error, words):
     with pytest.raises(error) as info:
         call(model, v, a)
     assert words in str(info.value)
+
+
+def test_get_loss_takes_the_older_revisions_kl_factor():
+    model, _ = _pair("reference")
+    model.eval()
+    g = torch.Generator().manual_seed(6)
+    mean, log_var = torch.randn(B, E, generator=g), torch.randn(B, E, generator=g)
+    _, kl = model.get_loss(mean, log_var, 0.0, 0.0, lamb=0.1)
+    torch.testing.assert_close(kl[0], 0.1 * _closed_form_kl(mean, log_var, torch.zeros(()), torch.zeros(())))
+    with pytest.raises(TypeError, match="lamb must be a finite number"):
+        model.get_loss(mean, log_var, 0.0, 0.0, lamb="0.1")
+    with pytest.raises(TypeError, match="lamb must be a finite number"):
+        model.get_loss(mean, log_var, 0.0, 0.0, lamb=float("nan"))
