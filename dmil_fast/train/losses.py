@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import accumulation_dtype
+from ..ops._validate import values_checked
 from .config import DMILConfig
 
 Tensor = torch.Tensor
@@ -101,9 +102,10 @@ def _check_outputs(outputs: Mapping, labels: Tensor, keys: Tuple[str, ...], need
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"labels must have shape ({logits.shape[0]},) (one class index per row of "
                          f"outputs['out']), got {tuple(labels.shape)}")
-    # On the CPU the range costs no sync (on a GPU F.cross_entropy asserts in its kernel; the
-    # Trainer checks the labels when it loads the data).
-    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+    # The range is read where the ops read values (values_checked): always on the CPU, where it
+    # costs no sync; on a GPU only under anomaly detection, since F.cross_entropy's device assert
+    # is otherwise the only check there (the Trainer checks the labels when it loads the data).
+    if labels.numel() and values_checked(labels.device, labels):
         low, high = (int(v) for v in torch.aminmax(labels))  # one pass over the labels
         if low < 0 or high >= logits.shape[-1]:
             raise ValueError(f"labels must lie in [0, C) = [0, {logits.shape[-1]}) (C: the columns of "

@@ -150,6 +150,20 @@ def test_bad_stage_or_missing_output():
             baseline_loss({"out": OUT, "v_out": OUT, "a_out": A}, labels, method="joint")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the label range on a GPU: needs a GPU")
+def test_label_range_on_a_gpu_is_read_under_anomaly_detection():
+    """Under torch.autograd.detect_anomaly() a bad label on a GPU is a ValueError before
+    F.cross_entropy's device assert (which would leave the CUDA context unusable)."""
+    outputs = {k: (tuple(t.cuda() for t in v) if isinstance(v, tuple) else v.cuda())
+               for k, v in _outputs(1).items()}
+    bad = (LABELS + OUT.shape[1]).cuda()
+    with torch.autograd.detect_anomaly():
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, C\)"):
+            dmil_loss(outputs, bad, stage=1, config=DMILConfig())
+    loss, _ = dmil_loss(outputs, LABELS.cuda(), stage=1, config=DMILConfig())  # good labels: no sync needed
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_default_cross_entropy_gives_f_cross_entropys_loss_and_gradients_bit_for_bit(stage):
     """The default sends the parts' logits to lean_cross_entropy; on a model's own outputs the
