@@ -12,8 +12,11 @@ from typing import Optional
 
 import torch
 
-from .ops._validate import check_no_nan, check_same_device, check_tensor, values_checked
+from .ops._validate import NaNInputError, check_same_device, check_tensor
 from .ops.diagonal_gaussian_kl import diagonal_gaussian_kl as _kl_op
+
+# The op's argument names -> the official ones, for the op's NaN errors.
+_OFFICIAL_NAMES = {"q_mu": "q_mean", "q_logvar": "q_log_var", "p_mu": "p_mean", "p_logvar": "p_log_var"}
 
 
 def _as_prior(name: str, value, like: torch.Tensor, like_name: str) -> torch.Tensor:
@@ -63,13 +66,14 @@ def diagonal_gaussian_kl(q_mean: torch.Tensor, q_log_var: torch.Tensor, p_mean=0
     if 0 in shape:
         raise ValueError(f"q_mean, q_log_var, p_mean and p_log_var broadcast to the empty shape {tuple(shape)}; "
                          "expected at least one element (the mean of no elements is undefined)")
-    if values_checked(q_mean.device, q_mean, q_log_var, p_mean_t, p_log_var_t):
-        check_no_nan(q_mean=q_mean, q_log_var=q_log_var, p_mean=p_mean_t, p_log_var=p_log_var_t)
     dtype = torch.promote_types(q_mean.dtype, q_log_var.dtype)
     shape = shape if len(shape) else torch.Size((1,))  # the op reduces over a last dimension
     q_mu = q_mean.to(dtype).expand(shape)
     q_logvar = q_log_var.to(dtype).expand(shape)
-    return _kl_op(q_mu, q_logvar, p_mean_t.to(dtype), p_log_var_t.to(dtype), "mean", backend=backend)
+    try:  # the op looks for NaN (where it reads values); its error names the official argument
+        return _kl_op(q_mu, q_logvar, p_mean_t.to(dtype), p_log_var_t.to(dtype), "mean", backend=backend)
+    except NaNInputError as err:
+        raise NaNInputError(_OFFICIAL_NAMES.get(err.argument, err.argument)) from None
 
 
 __all__ = ["diagonal_gaussian_kl"]

@@ -54,27 +54,29 @@ def encode_inputs(model: nn.Module, visual: Tensor, audio: Tensor) -> Tuple[Tens
         if feat.shape[1] != model.input_size:
             raise ValueError(f"the {name} encoder output has {feat.shape[1]} features, expected "
                              f"input_size={model.input_size}")
-        weight = layer.weight
-        if feat.dtype != weight.dtype and not autocast_enabled(feat.device.type):
-            raise TypeError(f"the {name} features are {feat.dtype}, the model's parameters {weight.dtype}: "
-                            f"cast the model (model.to({feat.dtype})) or the inputs (.to({weight.dtype})), "
-                            f"or run under torch.autocast")
+        check_parameter_dtype(f"the {name} features are", feat, layer.weight)
     return v, a
+
+
+def check_parameter_dtype(subject: str, x: Tensor, weight: Tensor) -> None:
+    """A TypeError unless ``x`` has the dtype of the model's parameters (``weight``) or autocast
+    is on for its device; ``subject`` begins the message ("the visual features are")."""
+    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
+        raise TypeError(f"{subject} {x.dtype}, the model's parameters {weight.dtype}: "
+                        f"cast the model (model.to({x.dtype})) or the inputs (.to({weight.dtype})), "
+                        f"or run under torch.autocast")
 
 
 def check_embeddings(model: nn.Module, v: Tensor, a: Tensor) -> None:
     """The checks on embeddings given to a stage directly (the official ``train_stage_*`` methods):
     v and a are (B, E) tensors, E = ``model.embed_size``, one batch B >= 1, in the parameters'
     dtype outside autocast. TypeError or ValueError naming the argument."""
-    weight = model.embed_v.weight
     for name, x in (("v", v), ("a", a)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of embeddings (B, E), got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != model.embed_size or x.shape[0] == 0:
             raise ValueError(f"{name} must be embeddings of shape (B, E) with B >= 1 and E = embed_size = "
                              f"{model.embed_size} (the output of embed_v / embed_a), got shape {tuple(x.shape)}")
-        if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
-            raise TypeError(f"{name} is {x.dtype}, the model's parameters {weight.dtype}: cast one to the other, "
-                            f"or run under torch.autocast")
+        check_parameter_dtype(f"{name} is", x, model.embed_v.weight)
     if v.shape[0] != a.shape[0]:
         raise ValueError(f"v and a must have the same batch size, got {v.shape[0]} and {a.shape[0]}")
